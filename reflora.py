@@ -1,0 +1,275 @@
+"""
+RefLoRA and RefLoRA-S: refactored low-rank adaptation, as one batched optimizer.
+
+References:
+1) Zhang, Li, Giannakis, "RefLoRA: Refactored Low-Rank Adaptation for Efficient Fine-Tuning of Large Models",
+   NeurIPS 2025, arXiv 2505.18877 (Lemma 1, Theorems 3, 4, 6).
+2) the authors' code, github.com/zhangyilang/RefLoRA, reflora/reflora.py (on top of PEFT): our updates equal theirs.
+3) KellerJordan/Muon, muon.py: pure tensor functions first, then a thin torch.optim.Optimizer.
+
+Notation (the paper's): W = W_pt + A Bᵀ, A: (m, r) output side, B: (n, r) input side. PEFT: lora_B = A, lora_A = Bᵀ.
+
+Lemma 1: (AP, BP⁻ᵀ) gives the same W for any invertible P; the next update depends on P only through S = PPᵀ.
+RefLoRA (Thm 3) picks S̃ = argmin_S tr(S AᵀA) + tr(S⁻¹ BᵀB), which balances ÃᵀÃ = B̃ᵀB̃; RefLoRA-S (Thm 4)
+restricts S = s·I. Like the authors' code, RefLoRA is applied as gradient preconditioning before the base step
+and RefLoRA-S as a rescaling of the factors (and Adam's moments) after it.
+
+Degenerate factors (a zero factor, as with the default LoRA init A = 0; rank-deficient AᵀA or BᵀB; NaN/Inf) are
+a defined case: a pair whose Gram matrices are numerically singular falls back to Thm 4's scalar S = s·I, and a
+pair with a zero or non-finite factor is left as it is (S = I). So `warmup=0` is safe; no NaN, no exception.
+"""
+import math
+
+import torch
+from torch.optim.adamw import adamw
+
+# -----------------------------------------------------------------------------
+# Pure tensor functions (batched over leading dims; compiled once by the optimizer)
+
+
+def _compute_dtype(t):
+    # eigendecompositions in float32, float64 when the factors are float64
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def optimal_s(A, B):
+    """Thm 4: s = ‖B‖_F / ‖A‖_F, batched over leading dims; 1 where a factor is zero or non-finite."""
+    dt = _compute_dtype(A)
+    a = torch.linalg.vector_norm(A.to(dt), dim=(-2, -1))
+    b = torch.linalg.vector_norm(B.to(dt), dim=(-2, -1))
+    s = b / a
+    ok = (a > 0) & (b > 0) & torch.isfinite(s)
+    return torch.where(ok, s, torch.ones_like(s))
+
+
+def _unit_gram(X):
+    """(X/‖X‖_F)ᵀ(X/‖X‖_F) and ‖X‖_F for X (..., m, r): normalizing first keeps 1e-20-scaled factors exact."""
+    x = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    Xn = X / x.clamp_min(torch.finfo(X.dtype).tiny)
+    return Xn.mT @ Xn, x.squeeze(-1)  # (..., r, r), (..., 1)
+
+
+def _refactor(Ga, Gb, a, b):
+    """S̃ and S̃⁻¹ (..., r, r) from unit-trace Grams Ga = AᵀA/‖A‖², Gb = BᵀB/‖B‖² and the norms a, b (..., 1).
+
+    S̃(cA, dB) = (d/c) S̃(A, B), so S̃ = s·S̃(A/‖A‖, B/‖B‖) with s = ‖B‖/‖A‖ (Thm 4's scalar).
+    """
+    r = Ga.shape[-1]
+    eye = torch.eye(r, dtype=Ga.dtype, device=Ga.device)
+    # a zero or non-finite factor (the default init has A = 0): leave the pair as it is, S = I
+    usable = (a > 0) & (b > 0) & torch.isfinite(a * b) & torch.isfinite(Ga + Gb).all(-1)  # (..., r)
+    usable = usable.all(-1, keepdim=True).unsqueeze(-1)  # (..., 1, 1)
+    Ga, Gb = torch.where(usable, Ga, eye), torch.where(usable, Gb, eye)
+    # AᵀA = V Λ Vᵀ, and L = V Λ^{1/2} so that AᵀA = L Lᵀ
+    lam, V = torch.linalg.eigh(Ga)
+    lam = lam.clamp_min(0)
+    L = V * lam.sqrt().unsqueeze(-2)
+    # Lᵀ BᵀB L = W M Wᵀ: similar to (AᵀA)^{1/2} BᵀB (AᵀA)^{1/2} (same eigenvalues M, eigenvectors V W)
+    mu, Wm = torch.linalg.eigh(L.mT @ Gb @ L)
+    mu = mu.clamp_min(0)
+    # Thm 3: S̃ = (AᵀA)^{-1/2} [(AᵀA)^{1/2} BᵀB (AᵀA)^{1/2}]^{1/2} (AᵀA)^{-1/2} = K M^{1/2} Kᵀ, K = V Λ^{-1/2} W
+    K = (V * lam.rsqrt().unsqueeze(-2)) @ Wm
+    S = (K * mu.sqrt().unsqueeze(-2)) @ K.mT
+    # S̃⁻¹ = (AᵀA)^{1/2} [..]^{-1/2} (AᵀA)^{1/2} = K⁻ᵀ M^{-1/2} K⁻¹, with K⁻ᵀ = V Λ^{1/2} W = L W
+    Kit = L @ Wm
+    Sinv = (Kit * mu.rsqrt().unsqueeze(-2)) @ Kit.mT
+    # numerically singular AᵀA or BᵀB (eigh's error is ~ eps·λ_max): S̃ does not exist, fall back to S = s·I
+    tol = r * torch.finfo(Ga.dtype).eps
+    full_rank = (lam[..., :1] > tol * lam[..., -1:]) & (mu[..., :1] > tol * mu[..., -1:])
+    full_rank = full_rank.unsqueeze(-1) & usable  # (..., 1, 1)
+    S, Sinv = torch.where(full_rank, S, eye), torch.where(full_rank, Sinv, eye)
+    # Thm 4: s = ‖B‖_F / ‖A‖_F
+    s = torch.where(usable, (b / a).unsqueeze(-1), 1.0)
+    return s * S, Sinv / s
+
+
+def optimal_S(A, B):
+    """Thm 3: S̃ = (AᵀA)^{-1/2} [(AᵀA)^{1/2} BᵀB (AᵀA)^{1/2}]^{1/2} (AᵀA)^{-1/2}, r×r, batched over leading dims.
+
+    Returns s·I for numerically rank-deficient pairs and I for pairs with a zero or non-finite factor.
+    """
+    dt = _compute_dtype(A)
+    (Ga, a), (Gb, b) = _unit_gram(A.to(dt)), _unit_gram(B.to(dt))
+    return _refactor(Ga, Gb, a, b)[0]
+
+
+def balance(A, B, S=None):
+    """Thm 3 refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}), which gives ÃᵀÃ = B̃ᵀB̃ (for tests and reading)."""
+    S = optimal_S(A, B) if S is None else S
+    lam, V = torch.linalg.eigh(S)
+    root = (V * lam.sqrt().unsqueeze(-2)) @ V.mT      # S̃^{1/2}
+    iroot = (V * lam.rsqrt().unsqueeze(-2)) @ V.mT    # S̃^{-1/2}
+    return (A.to(S.dtype) @ root).to(A.dtype), (B.to(S.dtype) @ iroot).to(B.dtype)
+
+
+def precondition(As, Bs, gAs, gBs):
+    """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
+
+    Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
+    and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
+    (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
+    """
+    dt = _compute_dtype(As[0])
+    # one batched eigh for the r×r Grams of all pairs, whatever their m and n
+    Ga, a = zip(*(_unit_gram(A.to(dt)) for A in As))
+    Gb, b = zip(*(_unit_gram(B.to(dt)) for B in Bs))
+    S, Sinv = _refactor(torch.stack(Ga), torch.stack(Gb), torch.stack(a), torch.stack(b))  # (k, r, r)
+    gAs = [(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))]
+    gBs = [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))]
+    return gAs, gBs
+
+
+def rescale(As, Bs, moments):
+    """RefLoRA-S after the base step (Thm 4): Ã = √s A, B̃ = B/√s, so ‖Ã‖_F = ‖B̃‖_F, in place.
+
+    Adam's moments follow the gradients into the new coordinates: ∇Ã = ∇A/√s and ∇B̃ = √s ∇B, so the first
+    moments scale like the gradients and the second moments like their squares. `moments` is
+    (mA, vA, mB, vB) lists, or None for plain gradient descent.
+    """
+    a = torch._foreach_norm(As, 2, dtype=torch.float64)
+    b = torch._foreach_norm(Bs, 2, dtype=torch.float64)
+    # Thm 4: s = ‖B‖_F / ‖A‖_F; 1 (no-op) where a factor is zero or non-finite
+    s = torch.stack(b) / torch.stack(a)
+    s = torch.where((s > 0) & torch.isfinite(s), s, 1.0)
+    dt = As[0].dtype
+    up, down = s.sqrt().to(dt).unbind(0), s.rsqrt().to(dt).unbind(0)
+    torch._foreach_mul_(As, up)
+    torch._foreach_mul_(Bs, down)
+    if moments is not None:
+        mA, vA, mB, vB = moments
+        sq_up, sq_down = s.to(dt).unbind(0), s.reciprocal().to(dt).unbind(0)
+        torch._foreach_mul_(mA, down)
+        torch._foreach_mul_(vA, sq_down)
+        torch._foreach_mul_(mB, up)
+        torch._foreach_mul_(vB, sq_up)
+
+
+# -----------------------------------------------------------------------------
+# The optimizer: base AdamW (torch's own functional, so "lora" is exactly torch.optim.AdamW) or plain GD,
+# with RefLoRA's preconditioning before the base step or RefLoRA-S's rescaling after it.
+
+METHODS, BASES = ("lora", "reflora", "reflora-s"), ("adamw", "sgd")
+
+
+class RefLoRA(torch.optim.Optimizer):
+    """RefLoRA / RefLoRA-S on top of AdamW or gradient descent.
+
+    pairs: iterable of LoRA (A, B) parameters, A (m, r), B (n, r); params: other trainable parameters (a head),
+    updated by the base rule only (a list of tensors or of param-group dicts). Refactoring starts after `warmup`
+    steps and happens every `interval` steps, with the authors' schedule: RefLoRA preconditions steps
+    warmup+1, warmup+1+interval, ...; RefLoRA-S rescales after steps warmup, warmup+interval, ... (with
+    warmup=0 that includes step 0: the factors are balanced before the first step, as the authors do).
+    """
+
+    def __init__(self, pairs, params=(), *, method="reflora", base="adamw", lr=1e-3, betas=(0.9, 0.999),
+                 eps=1e-8, weight_decay=0.0, warmup=0, interval=1, compile=None):
+        if method not in METHODS:
+            raise ValueError(f"RefLoRA: method must be one of {METHODS}, got {method!r}")
+        if base not in BASES:
+            raise ValueError(f"RefLoRA: base must be one of {BASES}, got {base!r}")
+        if warmup < 0 or interval < 1:
+            raise ValueError(f"RefLoRA: need warmup >= 0 and interval >= 1, got {warmup}, {interval}")
+        pairs = [tuple(p) for p in pairs]
+        for A, B in pairs:
+            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != B.shape[1]:
+                raise ValueError(f"RefLoRA: a pair must be A (m, r), B (n, r), got {tuple(A.shape)}, {tuple(B.shape)}")
+        params = list(params)
+        groups = [{"params": [p for ab in pairs for p in ab], "lora": True}] if pairs else []
+        if params and isinstance(params[0], dict):
+            groups += [{**g, "lora": False} for g in params]
+        elif params:
+            groups.append({"params": params, "lora": False})
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        self.method, self.base, self.warmup, self.interval = method, base, warmup, interval
+        self.steps = 0  # optimizer steps taken (saved in state_dict)
+        on_cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
+        self.compile = on_cuda if compile is None else compile
+        self._precondition = torch.compile(precondition) if self.compile else precondition
+        self._rescale = torch.compile(rescale) if self.compile else rescale
+        if method == "reflora-s" and warmup == 0:
+            self._refactor_after_step()  # balance once before the first step (the authors' initial call)
+
+    # the refactoring schedule, from the number of steps taken (see the class docstring)
+    def _due(self, t):
+        return t >= self.warmup and (t - self.warmup) % self.interval == 0
+
+    def _lora_groups(self):
+        for g in self.param_groups:
+            if g["lora"]:
+                yield g, g["params"][0::2], g["params"][1::2]
+
+    @torch.no_grad()
+    def _refactor_before_step(self):
+        for _, As, Bs in self._lora_groups():
+            # pairs whose gradients both exist, bucketed by (rank, dtype, device) for one batched call each
+            buckets = {}
+            for A, B in zip(As, Bs):
+                if A.grad is not None and B.grad is not None:
+                    buckets.setdefault((A.shape[1], A.dtype, A.device), []).append((A, B))
+            for pairs in buckets.values():
+                As_, Bs_ = [A for A, _ in pairs], [B for _, B in pairs]
+                gAs, gBs = self._precondition(As_, Bs_, [A.grad for A in As_], [B.grad for B in Bs_])
+                for p, g in zip(As_ + Bs_, gAs + gBs):
+                    p.grad = g
+
+    @torch.no_grad()
+    def _refactor_after_step(self):
+        for _, As, Bs in self._lora_groups():
+            moments = None
+            if self.base == "adamw" and all(p in self.state for p in As + Bs):
+                st = lambda ps, k: [self.state[p][k] for p in ps]
+                moments = (st(As, "exp_avg"), st(As, "exp_avg_sq"), st(Bs, "exp_avg"), st(Bs, "exp_avg_sq"))
+            if As:
+                self._rescale(As, Bs, moments)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # RefLoRA (Thm 3): precondition ∇A by S̃⁻¹ and ∇B by S̃, then take the base step
+        if self.method == "reflora" and self._due(self.steps):
+            self._refactor_before_step()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if not params:
+                continue
+            if self.base == "sgd":
+                # plain gradient descent: p ← p - lr (∇p + wd p)
+                if group["weight_decay"]:
+                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                torch._foreach_add_(params, grads, alpha=-group["lr"])
+                continue
+            for p in params:
+                if p not in self.state or not self.state[p]:
+                    self.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+            st = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            # exactly torch.optim.AdamW's update (the base the authors' code runs under)
+            adamw(
+                params, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [],
+                [s["step"] for s in st], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        self.steps += 1
+        # RefLoRA-S (Thm 4): rescale A by √s and B by 1/√s (and Adam's moments) after the base step
+        if self.method == "reflora-s" and self._due(self.steps):
+            self._refactor_after_step()
+        return loss
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["reflora"] = dict(steps=self.steps, method=self.method, base=self.base, warmup=self.warmup,
+                             interval=self.interval)
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        meta = state_dict.pop("reflora", None)
+        if meta is None:
+            raise ValueError("RefLoRA.load_state_dict: no 'reflora' entry (not a RefLoRA state_dict)")
+        super().load_state_dict(state_dict)
+        self.steps = meta["steps"]

@@ -1,0 +1,402 @@
+"""The paper's statements, checked numerically through reflora.py (float64 where exactness is claimed)."""
+import io
+import math
+
+import pytest
+import torch
+
+import bench
+import reflora
+from reflora import RefLoRA, optimal_S, optimal_s
+
+F64 = torch.float64
+
+
+def rand_pair(m=12, n=9, r=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g, dtype=dtype), torch.randn(n, r, generator=g, dtype=dtype)
+
+
+def rand_P(r, seed=1, cond=4.0):
+    """A random invertible r×r matrix with condition number `cond`."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=F64))
+    return (U * torch.logspace(0, math.log10(cond), r, dtype=F64)) @ V.T
+
+
+def rand_spd(r, g):
+    X = torch.randn(r, r, generator=g, dtype=F64)
+    return X @ X.T + 0.1 * torch.eye(r, dtype=F64)
+
+
+def rel(x, y):
+    return ((x - y).norm() / y.norm()).item()
+
+# -----------------------------------------------------------------------------
+# Lemma 1, Theorems 3 and 4: the refactoring itself
+
+
+def test_lemma1_equivalent_factors_give_the_same_W_and_S_transforms_covariantly():
+    A, B = rand_pair()
+    P = rand_P(3)
+    AP, BP = A @ P, B @ torch.linalg.inv(P).T
+    assert rel(AP @ BP.T, A @ B.T) < 1e-13
+    # S̃(AP, BP⁻ᵀ) = P⁻¹ S̃(A, B) P⁻ᵀ: the refactored pair (and so the update) does not depend on P
+    Pi = torch.linalg.inv(P)
+    assert rel(optimal_S(AP, BP), Pi @ optimal_S(A, B) @ Pi.T) < 1e-10
+
+
+def test_theorem3_balances_and_minimizes():
+    A, B = rand_pair(m=20, n=15, r=4)
+    S = optimal_S(A, B)
+    # S̃ is symmetric positive definite and solves the Riccati equation S̃ AᵀA S̃ = BᵀB
+    assert torch.allclose(S, S.T, atol=1e-12) and torch.linalg.eigvalsh(S).min() > 0
+    assert rel(S @ A.T @ A @ S, B.T @ B) < 1e-10
+    At, Bt = reflora.balance(A, B)
+    assert rel(At.T @ At, Bt.T @ Bt) < 1e-10  # ÃᵀÃ = B̃ᵀB̃
+    assert rel(At @ Bt.T, A @ B.T) < 1e-12  # same W
+    # the objective ‖A S^{1/2}‖² + ‖B S^{-1/2}‖² = tr(S AᵀA) + tr(S⁻¹ BᵀB) is lowest at S̃
+    f = lambda S: (torch.trace(S @ A.T @ A) + torch.trace(torch.linalg.inv(S) @ B.T @ B)).item()
+    g = torch.Generator().manual_seed(3)
+    best = f(S)
+    for _ in range(200):
+        assert f(rand_spd(4, g)) > best
+        assert f(S + 1e-3 * (lambda X: X + X.T)(torch.randn(4, 4, generator=g, dtype=F64))) > best  # a local minimum too
+    # batched over leading dims: the same as one at a time
+    As, Bs = torch.stack([rand_pair(seed=i)[0] for i in range(5)]), torch.stack([rand_pair(seed=i)[1] for i in range(5)])
+    assert torch.allclose(optimal_S(As, Bs), torch.stack([optimal_S(a, b) for a, b in zip(As, Bs)]), atol=1e-12)
+
+
+def test_theorem4_scalar_balances_and_minimizes():
+    A, B = rand_pair()
+    B = 7 * B
+    s = optimal_s(A, B)
+    assert abs(s.item() - (B.norm() / A.norm()).item()) < 1e-12
+    At, Bt = s.sqrt() * A, B / s.sqrt()
+    assert abs(At.norm() - Bt.norm()) < 1e-12
+    f = lambda c: c * A.norm() ** 2 + B.norm() ** 2 / c  # tr(S AᵀA) + tr(S⁻¹BᵀB) at S = c·I
+    for c in torch.logspace(-3, 3, 601, dtype=F64):
+        assert f(c) >= f(s) - 1e-12
+    # the optimizer's RefLoRA-S balances the norms of each pair in place
+    A, B = torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone())
+    RefLoRA([(A, B)], method="reflora-s", base="sgd")  # warmup=0: balanced before the first step
+    assert abs(A.norm() - B.norm()) < 1e-12
+
+# -----------------------------------------------------------------------------
+# Theorem 6 through the optimizer: with gradient descent, equivalent factorizations give the same ΔW
+
+
+def sgd_trajectory(A, B, method, steps=5, lr=0.02, seed=0):
+    """W after `steps` GD steps on L = ½‖X W - Y‖² + ¼‖W‖⁴ (not a quadratic in W), through RefLoRA."""
+    g = torch.Generator().manual_seed(seed)
+    X, Y = torch.randn(30, A.shape[0], generator=g, dtype=F64), torch.randn(30, B.shape[0], generator=g, dtype=F64)
+    A, B = torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone())
+    opt = RefLoRA([(A, B)], method=method, base="sgd", lr=lr)
+    W0 = (A @ B.T).detach()
+    for _ in range(steps):
+        W = A @ B.T
+        loss = 0.5 * (X @ W - Y).square().sum() / 30 + 0.25 * W.square().sum() ** 2 / 1e4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (A @ B.T).detach() - W0
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_theorem6_reflora_update_is_invariant_to_the_factorization(steps):
+    A, B = rand_pair(m=12, n=9, r=3)
+    P = rand_P(3, cond=5.0)
+    AP, BP = A @ P, B @ torch.linalg.inv(P).T
+    dW, dWP = sgd_trajectory(A, B, "reflora", steps), sgd_trajectory(AP, BP, "reflora", steps)
+    assert rel(dWP, dW) < 1e-10
+    # the same test with plain LoRA shows a clear difference: this test can fail
+    dW, dWP = sgd_trajectory(A, B, "lora", steps), sgd_trajectory(AP, BP, "lora", steps)
+    assert rel(dWP, dW) > 1e-2
+
+
+def test_theorem6_reflora_s_is_invariant_to_scaling():
+    A, B = rand_pair()
+    for c in (1e-3, 0.2, 30.0):
+        assert rel(sgd_trajectory(c * A, B / c, "reflora-s"), sgd_trajectory(A, B, "reflora-s")) < 1e-10
+    # plain LoRA depends on the scale (at c = 1e-3 it diverges): this test can fail
+    assert rel(sgd_trajectory(0.5 * A, B / 0.5, "lora"), sgd_trajectory(A, B, "lora")) > 1e-2
+
+
+def test_preconditioning_equals_refactor_then_step():
+    """For GD, ∇A S̃⁻¹, ∇B S̃ on (A, B) gives the W of a plain step on (A S̃^{1/2}, B S̃^{-1/2}) (docstring claim)."""
+    A, B = rand_pair()
+    G = torch.randn(12, 9, generator=torch.Generator().manual_seed(5), dtype=F64)  # ∂L/∂W
+    At, Bt = reflora.balance(A, B)
+    lr = 0.1
+    W_refactored = (At - lr * G @ Bt) @ (Bt - lr * G.T @ At).T
+    gA, gB = reflora.precondition([A], [B], [G @ B], [G.T @ A])
+    W_precond = (A - lr * gA[0]) @ (B - lr * gB[0]).T
+    assert rel(W_precond, W_refactored) < 1e-12
+
+# -----------------------------------------------------------------------------
+# the same updates as the authors' code (PEFT layout, hooks on torch.optim.AdamW)
+
+
+class AuthorsRefactorer:
+    """The authors' Refactorer (zhangyilang/RefLoRA, reflora/reflora.py) re-derived from its description, on
+    PEFT-layout tensors: lora_A = Bᵀ (r, n), lora_B = A (m, r); hooks on a stock torch.optim.AdamW; a skip counter
+    that starts at `warmup`; RefLoRA as a pre-step gradient preconditioner, RefLoRA-S as a post-step rescale with
+    one initial call. Written independently of reflora.py (S from BᵀB's eigendecomposition, not AᵀA's)."""
+
+    def __init__(self, pairs, opt, warmup, interval, scalar):
+        self.pairs, self.opt, self.interval, self.scalar, self.skip = pairs, opt, interval, scalar, warmup
+        if scalar:
+            opt.register_step_post_hook(lambda *a: self.tick(self.rescale))
+            self.tick(self.rescale)
+        else:
+            opt.register_step_pre_hook(lambda *a: self.tick(self.precondition))
+
+    def tick(self, fn):
+        if self.skip > 0:
+            self.skip -= 1
+            return
+        self.skip = self.interval - 1
+        with torch.no_grad():
+            for lA, lB in self.pairs:
+                fn(lA, lB)
+
+    def precondition(self, lA, lB):
+        lam, V = torch.linalg.eigh(lA @ lA.T)  # BᵀB
+        rt = (V * lam.sqrt()) @ V.T  # (BᵀB)^{1/2}
+        irt = (V * lam.rsqrt()) @ V.T
+        mu, U = torch.linalg.eigh(rt @ lB.T @ lB @ rt)  # (BᵀB)^{1/2} AᵀA (BᵀB)^{1/2}
+        Sinv = irt @ (U * mu.sqrt()) @ U.T @ irt  # the geometric mean of (BᵀB)⁻¹ and AᵀA is S̃⁻¹
+        S = torch.linalg.inv(Sinv)
+        lA.grad = S @ lA.grad  # (∇B S̃)ᵀ
+        lB.grad = lB.grad @ Sinv  # ∇A S̃⁻¹
+
+    def rescale(self, lA, lB):
+        S = lB.norm() / lA.norm()  # ‖A‖ / ‖B‖ = 1/s
+        P = S.sqrt()
+        lA.mul_(P), lB.mul_(1 / P)
+        if self.opt.state:
+            st = self.opt.state
+            st[lA]["exp_avg"].mul_(1 / P), st[lA]["exp_avg_sq"].mul_(1 / S)
+            st[lB]["exp_avg"].mul_(P), st[lB]["exp_avg_sq"].mul_(S)
+
+
+@pytest.mark.parametrize("method,warmup,interval", [("reflora", 0, 1), ("reflora", 3, 2), ("reflora-s", 0, 1),
+                                                    ("reflora-s", 4, 3)])
+def test_same_updates_as_the_authors_code(method, warmup, interval):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(10, 8), (10, 8), (14, 8)]  # (m, n)
+    ours = [tuple(torch.nn.Parameter(torch.randn(s, 3, generator=g, dtype=F64)) for s in sh) for sh in shapes]
+    theirs = [(torch.nn.Parameter(B.detach().T.clone()), torch.nn.Parameter(A.detach().clone())) for A, B in ours]
+    plain = [tuple(torch.nn.Parameter(p.detach().clone()) for p in ab) for ab in ours]
+    Xs = [torch.randn(6, n, generator=g, dtype=F64) for _, n in shapes]
+    Ys = [torch.randn(6, m, generator=g, dtype=F64) for m, _ in shapes]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt = RefLoRA(ours, method=method, warmup=warmup, interval=interval, **kw)
+    ref_opt = torch.optim.AdamW([p for pair in theirs for p in pair], **kw)
+    AuthorsRefactorer(theirs, ref_opt, warmup, interval, scalar=method == "reflora-s")
+    plain_opt = torch.optim.AdamW([p for pair in plain for p in pair], **kw)
+    ours_W, theirs_W = (lambda a, b: a @ b.T), (lambda lA, lB: lB @ lA)
+    for _ in range(25):
+        for o, pairs, W in ((opt, ours, ours_W), (ref_opt, theirs, theirs_W), (plain_opt, plain, ours_W)):
+            loss = sum(torch.sin(X @ W(*p).T - Y).square().sum() for p, X, Y in zip(pairs, Xs, Ys))
+            o.zero_grad()
+            loss.backward()
+            o.step()
+    for (A, B), (lA, lB) in zip(ours, theirs):
+        assert rel(A, lB) < 1e-9 and rel(B, lA.T) < 1e-9
+    # and the refactoring did change the trajectory (against plain AdamW from the same start): this can fail
+    for (A, B), (pA, pB) in zip(ours, plain):
+        assert rel(A @ B.T, pA @ pB.T) > 1e-3
+
+# -----------------------------------------------------------------------------
+# the optimizer as a torch.optim.Optimizer
+
+
+def train(opt_fn, pairs, head, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(16, pairs[0][1].shape[0], generator=g, dtype=head.dtype)
+    opt = opt_fn()
+    for _ in range(steps):
+        h = X
+        for A, B in pairs:
+            h = torch.tanh(h @ B @ A.T)
+        loss = (h @ head).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
+
+
+def make_model(seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    pairs = [tuple(torch.nn.Parameter(torch.randn(8, 3, generator=g, dtype=dtype)) for _ in range(2))
+             for _ in range(3)]
+    return pairs, torch.nn.Parameter(torch.randn(8, 2, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("method", ["lora", "reflora", "reflora-s"])
+def test_state_dict_round_trip_resumes_bitwise(method):
+    kw = dict(method=method, lr=1e-2, warmup=2, interval=2, weight_decay=0.1)
+    pairs, head = make_model()
+    train(lambda: RefLoRA(pairs, [head], **kw), pairs, head, 10)
+    straight = [p.detach().clone() for ab in pairs for p in ab] + [head.detach().clone()]
+
+    pairs, head = make_model()
+    opt = train(lambda: RefLoRA(pairs, [head], **kw), pairs, head, 5)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": [p.detach() for ab in pairs for p in ab] + [head.detach()]}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    pairs, head = make_model(seed=1)  # different values, overwritten from the checkpoint
+    with torch.no_grad():
+        for p, v in zip([p for ab in pairs for p in ab] + [head], ck["params"]):
+            p.copy_(v)
+
+    def resumed():
+        o = RefLoRA(pairs, [head], **kw)
+        o.load_state_dict(ck["opt"])
+        return o
+    train(resumed, pairs, head, 5)
+    for a, b in zip([p for ab in pairs for p in ab] + [head], straight):
+        assert torch.equal(a, b)
+
+
+def test_lora_method_is_torch_adamw_and_head_params_use_the_base_rule():
+    pairs, head = make_model()
+    train(lambda: RefLoRA(pairs, [head], method="lora", lr=1e-2, weight_decay=0.1), pairs, head, 6)
+    ref_pairs, ref_head = make_model()
+    params = [p for ab in ref_pairs for p in ab] + [ref_head]
+    train(lambda: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1), ref_pairs, ref_head, 6)
+    for a, b in zip([p for ab in pairs for p in ab] + [head], params):
+        assert torch.equal(a, b)
+
+
+def test_lr_scheduler_drives_the_lr():
+    pairs, head = make_model()
+    opt = RefLoRA(pairs, [head], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert all(g["lr"] == 0.125 for g in opt.param_groups)
+
+
+def test_adam_moments_follow_reflora_s_rescaling():
+    """After the first rescale (after step 3), state = an un-rescaled twin's, moved into the new coordinates."""
+    pairs, head = make_model()
+    opt = train(lambda: RefLoRA(pairs, method="reflora-s", lr=1e-2, warmup=3), pairs, head, 3)
+    twin, thead = make_model()
+    topt = train(lambda: RefLoRA(twin, method="reflora-s", lr=1e-2, warmup=1000), twin, thead, 3)
+    for (A, B), (tA, tB) in zip(pairs, twin):
+        s = tB.norm() / tA.norm()  # Thm 4, on the twin's factors
+        assert rel(A, s.sqrt() * tA) < 1e-12 and rel(B, tB / s.sqrt()) < 1e-12
+        assert abs(A.norm() - B.norm()) < 1e-12
+        # ∇Ã = ∇A/√s and ∇B̃ = √s ∇B: first moments scale like the gradients, second like their squares
+        for p, tp, f in ((A, tA, 1 / s.sqrt()), (B, tB, s.sqrt())):
+            assert rel(opt.state[p]["exp_avg"], f * topt.state[tp]["exp_avg"]) < 1e-12
+            assert rel(opt.state[p]["exp_avg_sq"], f ** 2 * topt.state[tp]["exp_avg_sq"]) < 1e-12
+
+
+def test_schedule_matches_warmup_and_interval():
+    """reflora preconditions steps warmup+1, warmup+1+k, ...; reflora-s rescales after steps warmup, warmup+k, ..."""
+    for method, warmup, interval in (("reflora", 3, 2), ("reflora-s", 3, 2), ("reflora-s", 0, 3)):
+        A, B = (torch.nn.Parameter(t) for t in rand_pair())
+        opt = RefLoRA([(A, B)], method=method, base="sgd", lr=0.0, warmup=warmup, interval=interval)
+        calls = []
+        name = "_refactor_before_step" if method == "reflora" else "_refactor_after_step"
+        orig = getattr(opt, name)
+        setattr(opt, name, lambda: (calls.append(opt.steps), orig()))
+        for _ in range(10):
+            A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
+            opt.step()
+        if method == "reflora":  # counted before the step: steps taken so far
+            assert calls == [t for t in range(10) if t >= warmup and (t - warmup) % interval == 0]
+        else:  # counted after the step
+            assert calls == [t for t in range(1, 11) if t >= warmup and (t - warmup) % interval == 0]
+
+
+def test_bad_arguments_raise():
+    A, B = (torch.nn.Parameter(t) for t in rand_pair())
+    for kw in (dict(method="refl0ra"), dict(base="adam"), dict(interval=0), dict(warmup=-1)):
+        with pytest.raises(ValueError):
+            RefLoRA([(A, B)], **kw)
+    with pytest.raises(ValueError):
+        RefLoRA([(A, torch.nn.Parameter(torch.randn(9, 4, dtype=F64)))])
+
+# -----------------------------------------------------------------------------
+# degenerate factors: defined, never NaN/Inf, never an exception
+
+
+def degenerate_pairs():
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=F64)
+    rank1 = lambda m: (rnd(m, 1) @ rnd(1, 4))
+    zeros = lambda *s: torch.zeros(*s, dtype=F64)
+    return [(zeros(12, 4), rnd(9, 4)),  # the default LoRA init: A = 0
+            (rnd(12, 4), zeros(9, 4)),
+            (zeros(12, 4), zeros(9, 4)),
+            (rank1(12), rnd(9, 4)), (rank1(12), rank1(9)),
+            (1e-20 * rnd(12, 4), rnd(9, 4)), (1e-20 * rnd(12, 4), 1e-20 * rnd(9, 4)),
+            (1e-30 * rnd(12, 4), 30 * rnd(9, 4)),
+            (rnd(12, 4), rnd(9, 4))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["reflora", "reflora-s"])
+def test_degenerate_factors_never_give_nan(dtype, method):
+    pairs = degenerate_pairs()
+    params = [tuple(torch.nn.Parameter(t.to(dtype, copy=True)) for t in ab) for ab in pairs]
+    # (torch's own AdamW turns fp16 parameters into NaN by itself: eps = 1e-8 underflows; so GD there)
+    opt = RefLoRA(params, method=method, base="sgd" if dtype == torch.float16 else "adamw", lr=1e-2, warmup=0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        for A, B in params:
+            G = torch.randn(A.shape[0], B.shape[0], generator=g, dtype=F64).to(dtype)
+            A.grad, B.grad = G @ B.detach(), G.T @ A.detach()
+        opt.step()
+        for p in (p for ab in params for p in ab):
+            assert torch.isfinite(p).all()
+            for v in opt.state[p].values():
+                assert torch.isfinite(v).all()
+    # optimal_S itself: finite, and s·I for a rank-deficient pair
+    for A, B in pairs:
+        assert torch.isfinite(optimal_S(A.to(dtype), B.to(dtype))).all()
+    A, B = pairs[3]
+    S = optimal_S(A, B)
+    assert torch.allclose(S, optimal_s(A, B) * torch.eye(4, dtype=F64))
+
+
+def test_zero_factor_is_left_alone_and_then_refactored():
+    """With A = 0 (default init) the first step is plain AdamW; once A ≠ 0, refactoring kicks in."""
+    A = torch.nn.Parameter(torch.zeros(12, 3, dtype=F64))
+    B = torch.nn.Parameter(rand_pair()[1])
+    B0 = B.detach().clone()
+    opt = RefLoRA([(A, B)], method="reflora-s", lr=1e-2)
+    assert torch.equal(B, B0)  # the initial balance left the pair alone
+    G = torch.randn(12, 9, generator=torch.Generator().manual_seed(2), dtype=F64)
+    A.grad, B.grad = G @ B.detach(), G.T @ A.detach()
+    opt.step()
+    assert abs(A.norm() - B.norm()) < 1e-12 and A.norm() > 0
+
+# -----------------------------------------------------------------------------
+# compiled == eager, and the toy problem
+
+
+def test_compiled_equals_eager():
+    pytest.importorskip("torch._inductor")
+    outs = []
+    for compile in (False, True):
+        pairs, head = make_model(dtype=torch.float32)
+        for method in ("reflora", "reflora-s"):
+            train(lambda: RefLoRA(pairs, method=method, lr=1e-2, compile=compile), pairs, head, 3)
+        outs.append([p.detach().clone() for ab in pairs for p in ab])
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_toy_reflora_beats_lora():
+    curves = bench.toy(iters=800)
+    it = {k: bench.iters_to(c, 1e-4) for k, c in curves.items()}
+    assert it["RefLoRA"] is not None and it["ScaledGD"] is not None
+    assert it["LoRA"] is None or it["RefLoRA"] < it["LoRA"] / 2
