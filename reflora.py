@@ -42,24 +42,23 @@ def optimal_s(A, B):
     return torch.where(ok, s, torch.ones_like(s))
 
 
-def _unit_gram(X):
-    """(X/‖X‖_F)ᵀ(X/‖X‖_F) and ‖X‖_F for X (..., m, r): normalizing first keeps 1e-20-scaled factors exact."""
-    x = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    Xn = X / x.clamp_min(torch.finfo(X.dtype).tiny)
-    return Xn.mT @ Xn, x.squeeze(-1)  # (..., r, r), (..., 1)
+def _refactor(Ga, Gb, numel_a=1, numel_b=1):
+    """S̃ and S̃⁻¹ (..., r, r) from the Gram matrices Ga = AᵀA, Gb = BᵀB (..., r, r).
 
-
-def _refactor(Ga, Gb, a, b):
-    """S̃ and S̃⁻¹ (..., r, r) from unit-trace Grams Ga = AᵀA/‖A‖², Gb = BᵀB/‖B‖² and the norms a, b (..., 1).
-
-    S̃(cA, dB) = (d/c) S̃(A, B), so S̃ = s·S̃(A/‖A‖, B/‖B‖) with s = ‖B‖/‖A‖ (Thm 4's scalar).
+    S̃(cA, dB) = (d/c) S̃(A, B), so S̃ = s·S̃(A/‖A‖, B/‖B‖) with s = ‖B‖/‖A‖ (Thm 4's scalar) and ‖A‖² = tr(AᵀA):
+    the eigendecompositions see unit-trace Grams whatever the scale of the factors. numel_a, numel_b: the sizes
+    m·r, n·r, to tell a Gram built of denormal products (entries below ~1e-21 in float32) from a usable one.
     """
     r = Ga.shape[-1]
     eye = torch.eye(r, dtype=Ga.dtype, device=Ga.device)
+    a2 = Ga.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ‖A‖²_F, (..., 1, 1)
+    b2 = Gb.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
     # a zero or non-finite factor (the default init has A = 0): leave the pair as it is, S = I
-    usable = (a > 0) & (b > 0) & torch.isfinite(a * b) & torch.isfinite(Ga + Gb).all(-1)  # (..., r)
-    usable = usable.all(-1, keepdim=True).unsqueeze(-1)  # (..., 1, 1)
-    Ga, Gb = torch.where(usable, Ga, eye), torch.where(usable, Gb, eye)
+    # (and factors so small that AᵀA is a sum of denormal products, mean square below tiny/1024: also S = I)
+    floor = torch.finfo(Ga.dtype).tiny / 1024
+    usable = (a2 > floor * numel_a) & (b2 > floor * numel_b) & torch.isfinite(a2 * b2)
+    Ga = torch.where(usable, Ga / torch.where(usable, a2, 1.0), eye)  # unit trace
+    Gb = torch.where(usable, Gb / torch.where(usable, b2, 1.0), eye)
     # AᵀA = V Λ Vᵀ, and L = V Λ^{1/2} so that AᵀA = L Lᵀ
     lam, V = torch.linalg.eigh(Ga)
     lam = lam.clamp_min(0)
@@ -79,7 +78,7 @@ def _refactor(Ga, Gb, a, b):
     full_rank = full_rank.unsqueeze(-1) & usable  # (..., 1, 1)
     S, Sinv = torch.where(full_rank, S, eye), torch.where(full_rank, Sinv, eye)
     # Thm 4: s = ‖B‖_F / ‖A‖_F
-    s = torch.where(usable, (b / a).unsqueeze(-1), 1.0)
+    s = torch.where(usable, b2.sqrt() / a2.sqrt(), 1.0)
     return s * S, Sinv / s
 
 
@@ -88,9 +87,8 @@ def optimal_S(A, B):
 
     Returns s·I for numerically rank-deficient pairs and I for pairs with a zero or non-finite factor.
     """
-    dt = _compute_dtype(A)
-    (Ga, a), (Gb, b) = _unit_gram(A.to(dt)), _unit_gram(B.to(dt))
-    return _refactor(Ga, Gb, a, b)[0]
+    A, B = A.to(_compute_dtype(A)), B.to(_compute_dtype(A))
+    return _refactor(A.mT @ A, B.mT @ B, A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1])[0]
 
 
 def balance(A, B, S=None):
@@ -111,9 +109,10 @@ def precondition(As, Bs, gAs, gBs):
     """
     dt = _compute_dtype(As[0])
     # one batched eigh for the r×r Grams of all pairs, whatever their m and n
-    Ga, a = zip(*(_unit_gram(A.to(dt)) for A in As))
-    Gb, b = zip(*(_unit_gram(B.to(dt)) for B in Bs))
-    S, Sinv = _refactor(torch.stack(Ga), torch.stack(Gb), torch.stack(a), torch.stack(b))  # (k, r, r)
+    Ga = torch.stack([A.to(dt).mT @ A.to(dt) for A in As])  # (k, r, r)
+    Gb = torch.stack([B.to(dt).mT @ B.to(dt) for B in Bs])
+    numel = lambda Xs: torch.tensor([X.numel() for X in Xs], dtype=dt).to(Ga.device)[:, None, None]
+    S, Sinv = _refactor(Ga, Gb, numel(As), numel(Bs))  # (k, r, r)
     gAs = [(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))]
     gBs = [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))]
     return gAs, gBs
