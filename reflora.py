@@ -18,8 +18,6 @@ Degenerate factors (a zero factor, as with the default LoRA init A = 0; rank-def
 a defined case: a pair whose Gram matrices are numerically singular falls back to Thm 4's scalar S = s·I, and a
 pair with a zero or non-finite factor is left as it is (S = I). So `warmup=0` is safe; no NaN, no exception.
 """
-import math
-
 import torch
 from torch.optim.adamw import adamw
 
@@ -193,34 +191,36 @@ class RefLoRA(torch.optim.Optimizer):
     def _due(self, t):
         return t >= self.warmup and (t - self.warmup) % self.interval == 0
 
-    def _lora_groups(self):
+    def _buckets(self, need_grads):
+        """LoRA pairs bucketed by (rank, dtype, device): each bucket is one batched (compiled) call."""
+        buckets = {}
         for g in self.param_groups:
-            if g["lora"]:
-                yield g, g["params"][0::2], g["params"][1::2]
+            for A, B in zip(g["params"][0::2], g["params"][1::2]) if g["lora"] else ():
+                if not need_grads or (A.grad is not None and B.grad is not None):
+                    buckets.setdefault((A.shape[1], A.dtype, A.device), []).append((A, B))
+        return [tuple(map(list, zip(*pairs))) for pairs in buckets.values()]
 
     @torch.no_grad()
     def _refactor_before_step(self):
-        for _, As, Bs in self._lora_groups():
-            # pairs whose gradients both exist, bucketed by (rank, dtype, device) for one batched call each
-            buckets = {}
-            for A, B in zip(As, Bs):
-                if A.grad is not None and B.grad is not None:
-                    buckets.setdefault((A.shape[1], A.dtype, A.device), []).append((A, B))
-            for pairs in buckets.values():
-                As_, Bs_ = [A for A, _ in pairs], [B for _, B in pairs]
-                gAs, gBs = self._precondition(As_, Bs_, [A.grad for A in As_], [B.grad for B in Bs_])
-                for p, g in zip(As_ + Bs_, gAs + gBs):
-                    p.grad = g
+        for As, Bs in self._buckets(need_grads=True):
+            gAs, gBs = self._precondition(As, Bs, [A.grad for A in As], [B.grad for B in Bs])
+            for p, g in zip(As + Bs, gAs + gBs):
+                p.grad = g
 
     @torch.no_grad()
     def _refactor_after_step(self):
-        for _, As, Bs in self._lora_groups():
-            moments = None
-            if self.base == "adamw" and all(p in self.state for p in As + Bs):
+        has_moments = lambda A, B: self.base == "adamw" and A in self.state and B in self.state
+        for As, Bs in self._buckets(need_grads=False):
+            # pairs with Adam moments (all, after the first step) and pairs without (before it, or never used)
+            with_m = [(A, B) for A, B in zip(As, Bs) if has_moments(A, B)]
+            without = [(A, B) for A, B in zip(As, Bs) if not has_moments(A, B)]
+            if with_m:
+                As_, Bs_ = map(list, zip(*with_m))
                 st = lambda ps, k: [self.state[p][k] for p in ps]
-                moments = (st(As, "exp_avg"), st(As, "exp_avg_sq"), st(Bs, "exp_avg"), st(Bs, "exp_avg_sq"))
-            if As:
-                self._rescale(As, Bs, moments)
+                self._rescale(As_, Bs_, (st(As_, "exp_avg"), st(As_, "exp_avg_sq"), st(Bs_, "exp_avg"),
+                                         st(Bs_, "exp_avg_sq")))
+            if without:
+                self._rescale(*map(list, zip(*without)), None)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -243,7 +243,7 @@ class RefLoRA(torch.optim.Optimizer):
                 torch._foreach_add_(params, grads, alpha=-group["lr"])
                 continue
             for p in params:
-                if p not in self.state or not self.state[p]:
+                if p not in self.state:
                     self.state[p] = dict(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
                                          exp_avg_sq=torch.zeros_like(p))
             st = [self.state[p] for p in params]
