@@ -2,12 +2,18 @@
 Benchmarks for reflora (timing hygiene after gpt-fast: warm-up, synchronized timed regions, medians, compile time
 reported apart, device and versions printed).
 
-    python bench.py --refactor [--device=cpu] [--pairs=160] [--rank=32]  # one refactor step, LLaMA-7B shapes
-    python bench.py --toy [--png=toy.png]                                  # the paper's matrix-factorization toy
+    python bench.py --model=smollm2-135m --device=cpu [--batch_size=8 --seq_len=256 --dtype=float32 --compile=False]
+                    [--json=PATH]        # one training step: lora vs reflora vs reflora-s, interleaved
+    python bench.py --generate --model=tiny                 # batched beam search vs one example at a time
+    python bench.py --refactor [--pairs=160] [--rank=32]   # one refactor step, LLaMA-7B shapes
+    python bench.py --toy [--png=toy.png]                  # the paper's matrix-factorization toy
 
-References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem; gpt-fast's benchmarks.
+References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem and the overhead chart of the
+authors' repository; gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
 """
 import argparse
+import json
+import os
 import platform
 import statistics
 import sys
@@ -15,6 +21,7 @@ import time
 
 import torch
 
+import model as M
 import reflora
 
 # -----------------------------------------------------------------------------
@@ -105,6 +112,117 @@ def bench_refactor(args):
     return results
 
 # -----------------------------------------------------------------------------
+# one training step per method, interleaved in one process
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device, dtype):
+    """Dense bf16/fp16 peak of a known GPU (fp32: /2 for TF32 is not assumed), else None."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(model, seq_len):
+    """LoRA training: frozen weights need no weight gradient, so ≈ 4·N_frozen + 6·N_lora, plus attention's
+    12·n_layers·dim·T (forward 4·T·dim per layer: QKᵀ and AV; backward twice that). Embeddings are lookups."""
+    a = model.args
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "tok_emb" not in n)
+    return 4 * n_frozen + 6 * n_lora + 12 * a.n_layers * a.dim * seq_len
+
+
+def bench_train(args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    header(device)
+    torch.manual_seed(0)
+    margs = M.ModelArgs.from_name(args.model)
+    with torch.device(device):
+        model = M.Transformer(margs).to(dtype)
+    M.add_lora(model, r=args.rank, alpha=2 * args.rank)
+    if args.compile:
+        for layer in model.layers:
+            layer.compile()
+    x = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    tokens, targets = x[:, :-1], x[:, 1:]
+    opts = {m: reflora.RefLoRA(model.lora_pairs(), method=m, lr=1e-5, warmup=0, compile=args.compile)
+            for m in ("lora", "reflora", "reflora-s")}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
+        else torch.autocast("cpu", enabled=False)
+    cuda = device.type == "cuda"
+    times = {m: {"step": [], "opt": [], "mem": 0} for m in opts}
+
+    def step(opt):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            _, loss = model(tokens, targets)
+        loss.backward()
+        sync(device)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        t2 = time.perf_counter()
+        return 1e3 * (t2 - t0), 1e3 * (t2 - t1), torch.cuda.max_memory_allocated(device) if cuda else 0
+
+    t0 = time.perf_counter()
+    for m, opt in opts.items():  # warm-up (and compilation) of every method
+        for _ in range(args.warmup):
+            step(opt)
+    print(f"warm-up ({args.warmup} steps per method, compile={args.compile}): {time.perf_counter() - t0:.1f} s")
+    for _ in range(args.iters):  # interleaved, so drift in clocks or load hits all methods alike
+        for m, opt in opts.items():
+            s, o, mem = step(opt)
+            times[m]["step"].append(s), times[m]["opt"].append(o)
+            times[m]["mem"] = max(times[m]["mem"], mem)
+    ntok, fpt, peak = args.batch_size * args.seq_len, flops_per_token(model, args.seq_len), peak_flops(device, dtype)
+    res = {}
+    print(f"{args.model}, batch {args.batch_size} × seq {args.seq_len}, {args.dtype}, r={args.rank}, "
+          f"{args.iters} timed steps per method (medians)")
+    print(f"{'method':10s} {'step ms':>9s} {'opt ms':>8s} {'tok/s':>9s} {'mfu':>6s} {'peak MB':>9s}")
+    for m, t in times.items():
+        step_ms, opt_ms = statistics.median(t["step"]), statistics.median(t["opt"])
+        tps = ntok / step_ms * 1e3
+        mfu = fpt * tps / peak if peak else None
+        res[m] = dict(step_ms=step_ms, opt_ms=opt_ms, tokens_per_s=tps, mfu=mfu, peak_mem_mb=t["mem"] / 2**20 if cuda else None)
+        print(f"{m:10s} {step_ms:9.1f} {opt_ms:8.2f} {tps:9.0f} {f'{100 * mfu:.1f}%' if mfu else '-':>6s} "
+              f"{res[m]['peak_mem_mb'] or 0:9.0f}")
+    for m in ("reflora", "reflora-s"):
+        print(f"{m} overhead over lora: step {100 * (res[m]['step_ms'] / res['lora']['step_ms'] - 1):+.2f}%, "
+              f"optimizer {res[m]['opt_ms'] - res['lora']['opt_ms']:+.2f} ms")
+    return res
+
+
+# -----------------------------------------------------------------------------
+# generation: batched beam search vs one example at a time
+
+
+def bench_generate(args):
+    device = torch.device(args.device)
+    header(device)
+    torch.manual_seed(0)
+    margs = M.ModelArgs.from_name(args.model)
+    with torch.device(device):
+        model = M.Transformer(margs).to(getattr(torch, args.dtype)).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, margs.vocab_size, (int(n),), generator=g).tolist()
+               for n in torch.randint(args.seq_len // 2, args.seq_len, (args.batch_size,), generator=g)]
+    gen = lambda ps: M.generate(model, ps, args.new_tokens, eos_id=-1, pad_id=0, num_beams=args.beams)
+    t_batch = timeit(lambda: gen(prompts), device, warmup=1, iters=3)
+    t_one = timeit(lambda: [gen([p]) for p in prompts], device, warmup=0, iters=1)
+    print(f"{args.model}: {len(prompts)} prompts of {args.seq_len // 2}-{args.seq_len} tokens, {args.beams} beams, "
+          f"{args.new_tokens} new tokens")
+    print(f"batched      {len(prompts) / t_batch * 1e3:8.2f} examples/s")
+    print(f"one by one   {len(prompts) / t_one * 1e3:8.2f} examples/s   ({t_one / t_batch:.1f}x slower)")
+    return dict(batched=len(prompts) / t_batch * 1e3, one_by_one=len(prompts) / t_one * 1e3)
+
+
+# -----------------------------------------------------------------------------
 # the paper's toy: min_{A,B} ½‖Y - ABᵀ‖²_F with a low-rank, ill-conditioned Y
 
 
@@ -185,19 +303,39 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--refactor", action="store_true", help="micro-benchmark of one refactor step")
     p.add_argument("--toy", action="store_true", help="the paper's matrix-factorization toy")
+    p.add_argument("--generate", action="store_true", help="batched vs one-by-one beam search")
+    p.add_argument("--model", default="smollm2-135m", choices=list(M.PRESETS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--pairs", type=int, default=160)
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--pairs", type=int, default=160)
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", type=lambda s: {"true": True, "false": False}[s.lower()],
+                   default=torch.cuda.is_available(), help="True/False")
+    p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--png", default="")
     args = p.parse_args(argv)
-    if not (args.refactor or args.toy):
-        p.error("nothing to do: pass --refactor and/or --toy")
     if args.toy:
-        bench_toy(args)
-    if args.refactor:
-        bench_refactor(args)
+        res = bench_toy(args)
+    elif args.refactor:
+        res = bench_refactor(args)
+    elif args.generate:
+        res = bench_generate(args)
+    else:
+        res = {"methods": bench_train(args)}
+    if args.json:
+        out = dict(res, device=str(args.device), torch=torch.__version__, config=vars(args))
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
