@@ -149,9 +149,8 @@ class Attention(nn.Module):
             ck, cv = self.cache
             ck[:, :, start_pos:start_pos + T], cv[:, :, start_pos:start_pos + T] = k, v
             k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
-        if self.n_heads > self.n_kv_heads:  # GQA: query head j reads kv head j // n_rep
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
+        if (n_rep := self.n_heads // self.n_kv_heads) > 1:  # GQA: query head j reads kv head j // n_rep
+            k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
         # y = softmax(q kᵀ / √hd + mask) v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -190,16 +189,12 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.apply(self._init_weights)
-        # a plain attribute, not a buffer: built on the CPU even under torch.device("meta"), and model.to(bf16)
-        # leaves it float32; forward moves it to the tokens' device
+        for m in self.modules():  # random init for from-scratch models (`tiny`); checkpoints overwrite it
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        # a plain attribute, not a buffer: float32 on the CPU even under torch.device("meta") or .to(bf16)
         with torch.device("cpu"):
             self.rope = rope_tables(args)
-
-    @staticmethod
-    def _init_weights(m):  # random init for from-scratch models (`tiny`); checkpoints overwrite it
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, tokens, targets=None, attn_mask=None, return_hidden=False, start_pos=0):
         """tokens (B,T); targets (B,T) already shifted, -100 ignored; attn_mask (B, start_pos+T), 0 = left padding."""
@@ -207,7 +202,7 @@ class Transformer(nn.Module):
         S = start_pos + T  # keys seen: cached ones plus these
         if S > self.args.max_seq_len:
             raise ValueError(f"sequence length {S} > max_seq_len {self.args.max_seq_len}")
-        if self.rope.device != tokens.device:
+        if self.rope.device != tokens.device:  # moved once, to where the tokens are
             self.rope = self.rope.to(tokens.device)
         q_idx, k_idx = torch.arange(start_pos, S, device=tokens.device), torch.arange(S, device=tokens.device)
         mask = k_idx <= q_idx[:, None]  # (T, S) causal
@@ -229,22 +224,19 @@ class Transformer(nn.Module):
         if return_hidden:
             return h, None
         logits = _up(self.output(h))
-        loss = None
-        if targets is not None:
-            # mean cross-entropy over the labels that are not -100
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        if targets is None:
+            return logits, None
+        # mean cross-entropy over the labels that are not -100
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     def lora_pairs(self):
         """[(A, B)] of every LoRALinear, in module order: what reflora.RefLoRA takes."""
         return [(m.A, m.B) for m in self.modules() if isinstance(m, LoRALinear)]
 
     def setup_cache(self, batch, max_len):
-        w = self.tok_embeddings.weight
+        w, a = self.tok_embeddings.weight, self.args  # the cache in the embedding's dtype and device
         for layer in self.layers:
-            a = layer.attention
-            a.cache = tuple(torch.zeros(batch, a.n_kv_heads, max_len, a.head_dim, dtype=w.dtype, device=w.device)
-                            for _ in range(2))
+            layer.attention.cache = tuple(w.new_zeros(batch, a.n_kv_heads, max_len, a.head_dim) for _ in range(2))
 
     def reorder_cache(self, idx):  # row i of the new cache = row idx[i] of the old (beam search)
         for layer in self.layers:
@@ -375,12 +367,20 @@ def permute_qk(w, n_heads, to_hf):
     return w.reshape(n_heads, *split, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def _qk_heads(key, args):  # the heads of a wq/wk key (rows permuted between layouts), else None
-    return args.n_heads if ".wq" in key else args.n_kv_heads if ".wk" in key else None
+def _qk(key, t, args, to_hf):  # permute_qk if `key` (our name) is a wq/wk tensor, else t as is
+    n = args.n_heads if ".wq" in key else args.n_kv_heads if ".wk" in key else None
+    return permute_qk(t, n, to_hf) if n else t
 
 
 class CheckpointError(ValueError):
     pass
+
+
+def _to_meta(key, src, f):  # rename(key, src, META), an unknown key raised as one line naming f
+    try:
+        return rename(key, src, META)
+    except KeyError:
+        raise CheckpointError(f"{f}: unexpected key {key}") from None
 
 
 @contextlib.contextmanager
@@ -456,12 +456,7 @@ def _read_hf(d):
         raise FileNotFoundError(f"{d}: no model*.safetensors or pytorch_model*.bin next to config.json")
     sd = {}
     for f in files:
-        for k, t in _tensors(f).items():
-            try:
-                if (mk := rename(k, HF, META)) is not None:
-                    sd[mk] = t
-            except KeyError:
-                raise CheckpointError(f"{f}: unexpected key {k}") from None
+        sd.update({mk: t for k, t in _tensors(f).items() if (mk := _to_meta(k, HF, f)) is not None})
     return args, sd
 
 
@@ -477,13 +472,9 @@ def _read_gguf(f):
         args = ModelArgs(**{m: float(str(np.float32(v))) if isinstance(v, float) else v
                             for m, _, g in CONFIG if g and (v := meta.get("llama." + g)) is not None})
         sd = {}
-        for t in r.tensors:
-            try:
-                k = rename(t.name, GGUF, META)
-            except KeyError:
-                raise CheckpointError(f"{f}: unexpected tensor {t.name}") from None
-            # dequantized to float32; GGUF lists dims fastest first (ne), torch's order is the reverse
-            sd[k] = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape.tolist()[::-1]))
+        for t in r.tensors:  # dequantized to float32; GGUF lists dims fastest first (ne), torch's order the reverse
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape.tolist()[::-1])
+            sd[_to_meta(t.name, GGUF, f)] = torch.tensor(w)
     return args, sd
 
 
@@ -521,9 +512,7 @@ def load_model(path_or_name, dtype=None, device=None):
         raise CheckpointError(f"{p}: shapes that do not fit its config: {', '.join(bad[:4])}")
     dtype = dtype or emb.dtype
     for k, t in sd.items():  # one tensor at a time, straight to the requested dtype and device
-        if layout == HF and (n := _qk_heads(k, args)):
-            t = permute_qk(t, n, to_hf=False)
-        sd[k] = t.to(device=device, dtype=dtype)
+        sd[k] = (_qk(k, t, args, to_hf=False) if layout == HF else t).to(device=device, dtype=dtype)
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
@@ -591,8 +580,7 @@ def convert_gguf(gguf_path, out_dir):
     fields = gguf.GGUFReader(gguf_path).fields
     ids = {f"{k}_token_id": int(fields[f"tokenizer.ggml.{k}_token_id"].contents())
            for k in ("bos", "eos", "pad") if f"tokenizer.ggml.{k}_token_id" in fields}
-    hf = {rename(k, META, HF): (permute_qk(t, n, to_hf=True) if (n := _qk_heads(k, args)) else t).float().contiguous()
-          for k, t in sd.items()}
+    hf = {rename(k, META, HF): _qk(k, t, args, to_hf=True).float().contiguous() for k, t in sd.items()}
     cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", torch_dtype="float32",
                **{hf: getattr(args, m) for m, hf, _ in CONFIG}, **ids)
     if args.use_scaled_rope:
@@ -623,9 +611,9 @@ def save_adapter(model, out_dir):
         raise ValueError("save_adapter: the model has no LoRA layers")
     for n, m in mods.items():
         hf = "base_model.model." + rename(n + ".weight", META, HF)[: -len(".weight")]
-        A = permute_qk(m.A.detach(), h, to_hf=True) if (h := _qk_heads(n, args)) else m.A.detach()
         tensors[hf + ".lora_A.weight"] = m.B.detach().T.contiguous()  # PEFT's lora_A = Bᵀ (r, in)
-        tensors[hf + ".lora_B.weight"] = A.contiguous()  # PEFT's lora_B = A (out, r), rows in HF's q/k order
+        # PEFT's lora_B = A (out, r), rows in HF's q/k order
+        tensors[hf + ".lora_B.weight"] = _qk(n, m.A.detach(), args, to_hf=True).contiguous()
     m = next(iter(mods.values()))
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout.p,
                target_modules=sorted({_HF_SHORT[n.rsplit(".", 1)[1]] for n in mods}), bias="none",
@@ -667,7 +655,7 @@ def load_adapter(model, adapter_dir):
         if A.shape != m.A.shape or Bt.shape != m.B.T.shape:
             raise CheckpointError(f"{d}: {n}: lora_B, lora_A shapes {tuple(A.shape)}, {tuple(Bt.shape)} "
                                   f"!= {tuple(m.A.shape)}, {tuple(m.B.T.shape)}")
-        m.A.copy_(permute_qk(A, h, to_hf=False) if (h := _qk_heads(n, model.args)) else A)
+        m.A.copy_(_qk(n, A, model.args, to_hf=False))
         m.B.copy_(Bt.T)
         m.scale, m.alpha = cfg["lora_alpha"] / m.r, cfg["lora_alpha"]
     return model
@@ -685,9 +673,8 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1):
     dev, training = model.tok_embeddings.weight.device, model.training
     B, L = len(prompts), max(map(len, prompts))
     tokens = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)  # (B, L) left-padded
-    mask = torch.ones(B, L + max_new_tokens, dtype=torch.bool, device=dev)  # (B, L + new), False = padding
-    for b, p in enumerate(prompts):
-        mask[b, : L - len(p)] = False
+    # (B, L + new), False = padding
+    mask = torch.tensor([[False] * (L - len(p)) + [True] * (len(p) + max_new_tokens) for p in prompts], device=dev)
     model.eval()
     model.setup_cache(B, L + max_new_tokens)
     try:
@@ -762,8 +749,7 @@ def _beam_search(model, logits, mask, L, max_new, eos_id, pad_id, nb):
             break
         model.reorder_cache(torch.tensor(src, device=dev))
         logp = _step(model, torch.tensor(tok, device=dev), mask, L, t).log_softmax(-1)
-    for b in range(B):  # running beams compete with the finished ones at the end
-        if not done[b]:
-            for j in range(b * nb, (b + 1) * nb):
-                _add_hyp(hyps[b], nb, scores.view(-1)[j].item() / len(seqs[j]), seqs[j])
+    for j, s in enumerate(scores.view(-1).tolist()):  # running beams compete with the finished ones at the end
+        if not done[j // nb]:
+            _add_hyp(hyps[j // nb], nb, s / len(seqs[j]), seqs[j])
     return [h[0][1] for h in hyps]
