@@ -124,7 +124,12 @@ def _read(task, split, data_dir):
 
 
 def read_glue(task, split, data_dir):
-    """Records {"text_a", "text_b" (None for single-sentence tasks), "label" (int; float for stsb)}."""
+    """Records {"text_a", "text_b" (None for single-sentence tasks), "label" (int; float for stsb)}: from the
+    JSONL that this script's CLI writes (`<data_dir>/<task>/<split>.jsonl`) if present, else the official TSV."""
+    prepared = Path(data_dir) / task / f"{split}.jsonl"
+    if task in TASKS and prepared.is_file():
+        with open(prepared, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
     return _read(task, split, data_dir)[0]
 
 

@@ -1,0 +1,244 @@
+"""Tests of train.py on the random-init `tiny` preset with the byte tokenizer and synthetic data written to tmp_path
+(no ../shared needed): config parsing, bitwise resume, atomic checkpoints, batched == one-by-one evaluation,
+the eval files, the GLUE head, a non-finite loss, and DDP (gloo, 2 processes) == 1 process."""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train as T  # noqa: E402
+
+torch.set_num_threads(1)
+
+# -----------------------------------------------------------------------------
+# synthetic data in the real layouts (short texts: tiny's max_seq_len is 256 and a byte is a token)
+
+
+def write_commonsense(root, n_train=48, n_test=5, seed=0):
+    rng = random.Random(seed)
+    for name, answers in (("boolq", ("true", "false")), ("piqa", ("solution1", "solution2"))):
+        for split, n in (("train", n_train), ("test", n_test)):
+            recs = []
+            for _ in range(n):
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                ans = answers[(a + b) % 2]
+                recs.append(dict(instruction=f"{a}+{b} even?", input="", output=ans, answer=ans))
+            (root / "dataset" / name).mkdir(parents=True, exist_ok=True)
+            (root / "dataset" / name / f"{split}.json").write_text(json.dumps(recs))
+    return root
+
+
+def write_glue(root, task, n_train=40, n_dev=12, seed=0):
+    rng = random.Random(seed)
+    folder, header = {"rte": ("RTE", "index\tsentence1\tsentence2\tlabel"),
+                      "stsb": ("STS-B", "index\tsentence1\tsentence2\tscore")}[task]
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = [header]
+        for i in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            label = ("entailment", "not_entailment")[(a + b) % 2] if task == "rte" else f"{(a + b) / 3.6:.2f}"
+            rows.append(f"{i}\tthe number {a}\tplus {b}\t{label}")
+        (root / folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def tiny_args(tmp_path, **kw):
+    """Flags of a small, fast commonsense run on synthetic data."""
+    base = dict(init_from="tiny", data_dir=write_commonsense(tmp_path / "data"), out_dir=tmp_path / "out",
+                lora_r=4, lora_alpha=8, batch_size=8, micro_batch_size=4, max_iters=4, cutoff_len=200,
+                warmup_steps=1, reflora_warmup=1, log_interval=1, eval_interval=0, eval_limit=3, eval_batch_size=3,
+                max_new_tokens=6, val_set_size=8, lr=1e-2)
+    return [f"--{k}={v}" for k, v in {**base, **kw}.items()]
+
+
+def state(out_dir):
+    return torch.load(Path(out_dir) / "state.pt", map_location="cpu", weights_only=True)
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+def test_config_types_files_and_errors(tmp_path, capsys):
+    cfg = T.parse_config(["--lr=1e-3", "--max_iters=7", "--compile=False", "--lora_targets=wq,wv", "--method=lora"])
+    assert cfg["lr"] == 1e-3 and type(cfg["lr"]) is float and cfg["max_iters"] == 7 and cfg["compile"] is False
+    assert cfg["lora_targets"] == ("wq", "wv") and cfg["method"] == "lora" and cfg["seed"] == T.DEFAULTS["seed"]
+    # a config file (literals only, no exec), then flags in order: the later value wins
+    f = tmp_path / "c.py"
+    f.write_text('"""doc"""\nlr = 5\nlora_targets = ["wq", "wk"]\nmethod = "reflora"  # comment\n')
+    cfg = T.parse_config([str(f), "--method=lora"])
+    assert cfg["lr"] == 5.0 and type(cfg["lr"]) is float and cfg["lora_targets"] == ("wq", "wk")
+    assert cfg["method"] == "lora"
+    # --task=glue brings the classifier defaults, unless set explicitly
+    cfg = T.parse_config(["--task=glue", "--lr=3e-3"])
+    assert cfg["lora_r"] == T.GLUE_DEFAULTS["lora_r"] and cfg["lr"] == 3e-3
+    # the shipped presets parse
+    for p in sorted((ROOT / "config").glob("*.py")):
+        T.parse_config([str(p)])
+    assert T.parse_config(["config/llama3_8b.py"])["lr"] == 1e-4
+    bad = [["--nope=1"], ["--max_iters=1.5"], ["--compile=yes"], ["--method=dora"], ["--lr"], ["missing.py"],
+           ["--batch_size=12", "--micro_batch_size=8"], ["--lora_targets=wq,qkv"], ["--lora_r=0"]]
+    f2 = tmp_path / "bad.py"
+    f2.write_text("import os\n")
+    for argv in bad + [[str(f2)]]:
+        with pytest.raises(SystemExit) as e:
+            T.parse_config(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("train.py: error:") and "\n" not in err, err
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: resume is bitwise, saves are atomic
+
+
+def test_resume_is_bitwise(tmp_path):
+    # reflora (Thm 3) refactors from step 2 on; dropout exercises the RNG state across the resume
+    common = ["--method=reflora", "--lora_dropout=0.1", "--eval_limit=1"]
+    straight = T.parse_config(tiny_args(tmp_path / "a", max_iters=6) + common)
+    T.train(straight)
+    half = T.parse_config(tiny_args(tmp_path / "b", max_iters=6, stop_iter=3) + common)
+    assert T.train(half)["iter"] == 3 and state(tmp_path / "b/out")["iter_num"] == 3
+    T.train({**half, "stop_iter": 0, "resume": True})
+    a, b = state(tmp_path / "a/out"), state(tmp_path / "b/out")
+    assert a["iter_num"] == b["iter_num"] == 6
+    assert a["lora"].keys() == b["lora"].keys()
+    for k in a["lora"]:
+        assert torch.equal(a["lora"][k], b["lora"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # the training moved the adapter, and the PEFT export holds the same tensors as state.pt
+    assert any(v.abs().max() > 0 for k, v in a["lora"].items() if k.endswith(".A"))
+    model = T.load_model("tiny")
+    T.load_adapter(model, tmp_path / "a/out")
+    for k, v in T.lora_state_dict(model).items():
+        assert torch.equal(v, a["lora"][k]), k
+    # --eval_only on that out_dir reproduces the end-of-training evaluation
+    before = (tmp_path / "a/out/eval_boolq.json").read_text()
+    T.train({**straight, "eval_only": True})
+    assert (tmp_path / "a/out/eval_boolq.json").read_text() == before
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = T.parse_config(tiny_args(tmp_path, max_iters=4, eval_interval=2))
+    real_save, calls = torch.save, []
+
+    def crashing_save(obj, f, *a, **k):  # the second checkpoint dies half-way through writing state.pt
+        calls.append(f)
+        if len(calls) == 2:
+            Path(f).write_bytes(b"partial")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(T.torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    st = state(cfg["out_dir"])
+    assert st["iter_num"] == 2 and st["config"] == cfg
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def test_eval_batched_equals_one_by_one_and_writes_json(tmp_path):
+    cfg = T.parse_config(tiny_args(tmp_path, eval_limit=5, max_new_tokens=8))
+    torch.manual_seed(0)
+    model, tok, _ = T.build(cfg, torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # a non-trivial adapter, merged as the protocol says
+        for A, B in model.lora_pairs():
+            A.normal_(0, 0.5)
+    T.merge_lora(model)
+    outs = {}
+    for bs in (1, 4):
+        out = tmp_path / f"eval{bs}"
+        out.mkdir()
+        acc = T.evaluate(model, tok, {**cfg, "eval_batch_size": bs}, cfg["data_dir"], out)
+        outs[bs] = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in ("boolq", "piqa")}
+        for n, d in outs[bs].items():
+            assert len(d["predictions"]) == len(d["labels"]) == len(d["outputs"]) == 5
+            labels = [r["answer"] for r in json.load(open(Path(cfg["data_dir"]) / "dataset" / n / "test.json"))]
+            assert d["labels"] == labels
+            assert d["accuracy"] == acc[n] == sum(p == y for p, y in zip(d["predictions"], labels)) / 5
+    assert any(t for d in outs[1].values() for t in d["outputs"])  # something was generated
+    for n in outs[1]:
+        assert outs[1][n]["outputs"] == outs[4][n]["outputs"]
+        assert outs[1][n]["predictions"] == outs[4][n]["predictions"]
+
+
+# -----------------------------------------------------------------------------
+# GLUE: LoRA + float32 head, metrics
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_glue_head_trains_and_writes_metrics(tmp_path, task):
+    data = write_glue(tmp_path / "glue", task)
+    cfg = T.parse_config(["--task=glue", f"--glue_task={task}", "--init_from=tiny", f"--data_dir={data}",
+                          f"--out_dir={tmp_path / 'out'}", "--max_iters=3", "--batch_size=8", "--micro_batch_size=4",
+                          "--eval_batch_size=5", "--warmup_steps=0", "--lr=1e-2", "--log_interval=1"])
+    torch.manual_seed(cfg["seed"])
+    _, _, clf0 = T.build(cfg, torch.device("cpu"), torch.float32)  # the head before training
+    T.train(cfg)
+    d = json.loads((tmp_path / "out" / f"eval_{task}.json").read_text())
+    assert len(d["predictions"]) == len(d["labels"]) == 12
+    assert d["metrics"] == T.glue_metrics(task, d["predictions"], d["labels"])
+    assert set(d["metrics"]) >= ({"accuracy"} if task == "rte" else {"pearson", "spearman"})
+    if task == "rte":
+        assert set(d["predictions"]) <= {0, 1}
+    else:
+        assert all(isinstance(p, float) for p in d["predictions"])
+    st = state(tmp_path / "out")
+    assert st["head"]["weight"].dtype == torch.float32
+    assert st["head"]["weight"].shape[0] == (1 if task == "stsb" else 2)
+    assert not torch.equal(st["head"]["weight"], clf0.head.weight)  # the head is trained
+    assert (tmp_path / "out" / "head.safetensors").is_file()
+    # --eval_only reloads adapter + head from out_dir and gets the same dev metrics
+    assert T.train({**cfg, "eval_only": True}) == d["metrics"]
+
+
+# -----------------------------------------------------------------------------
+# failure: a non-finite loss stops with exit 1 and leaves the last checkpoint loadable
+
+
+def test_nonfinite_loss_stops_cleanly(tmp_path, capsys):
+    # step 0 runs at lr 0 (warmup), so the checkpoint at iter 1 is good; step 1 at lr 2.5e29 diverges
+    argv = tiny_args(tmp_path, lr=1e30, warmup_steps=4, max_iters=6, eval_interval=1, method="lora")
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "non-finite" in err and "last good checkpoint" in err and "\n" not in err
+    st = state(tmp_path / "out")
+    assert st["iter_num"] == 1
+    assert all(torch.isfinite(v).all() for v in st["lora"].values())
+
+
+# -----------------------------------------------------------------------------
+# DDP: 2 processes (gloo, CPU) give the result of 1 process with the same global batch
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    # no dropout (its masks differ across ranks); reflora-s rescales from step 2 on
+    flags = lambda d: tiny_args(d, lora_dropout=0.0, max_iters=3, eval_limit=2)
+    T.train(T.parse_config(flags(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *flags(tmp_path / "two")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(2 × 1 × 4)" in r.stdout  # 2 processes, no accumulation, micro-batch 4
+    one, two = state(tmp_path / "one/out"), state(tmp_path / "two/out")
+    assert len(two["rng"]) == 2 and two["iter_num"] == 3
+    for k in one["lora"]:
+        torch.testing.assert_close(two["lora"][k], one["lora"][k], rtol=1e-5, atol=1e-7)
+    assert any(v.abs().max() > 0 for k, v in one["lora"].items() if k.endswith(".A"))
+    for n in ("boolq", "piqa"):
+        a, b = (json.loads((tmp_path / d / "out" / f"eval_{n}.json").read_text()) for d in ("one", "two"))
+        assert a["predictions"] == b["predictions"] and a["outputs"] == b["outputs"]
