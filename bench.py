@@ -23,6 +23,7 @@ import torch
 
 import model as M
 import reflora
+import train
 
 # -----------------------------------------------------------------------------
 # timing
@@ -114,24 +115,12 @@ def bench_refactor(args):
 # -----------------------------------------------------------------------------
 # one training step per method, interleaved in one process
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-
-
 def peak_flops(device, dtype):
-    """Dense bf16/fp16 peak of a known GPU (fp32: /2 for TF32 is not assumed), else None."""
+    """Dense bf16 peak of a known GPU (train.PEAK_FLOPS), else None (CPU, float32: no MFU)."""
     if device.type != "cuda" or dtype == torch.float32:
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(model, seq_len):
-    """LoRA training: frozen weights need no weight gradient, so ≈ 4·N_frozen + 6·N_lora, plus attention's
-    12·n_layers·dim·T (forward 4·T·dim per layer: QKᵀ and AV; backward twice that). Embeddings are lookups."""
-    a = model.args
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "tok_emb" not in n)
-    return 4 * n_frozen + 6 * n_lora + 12 * a.n_layers * a.dim * seq_len
+    return next((v for k, v in train.PEAK_FLOPS.items() if k in name), None)
 
 
 def bench_train(args):
@@ -180,7 +169,8 @@ def bench_train(args):
             s, o, mem = step(opt)
             times[m]["step"].append(s), times[m]["opt"].append(o)
             times[m]["mem"] = max(times[m]["mem"], mem)
-    ntok, fpt, peak = args.batch_size * args.seq_len, flops_per_token(model, args.seq_len), peak_flops(device, dtype)
+    f0, f1 = train.flops_per_token(model)  # LoRA FLOPs per token: 4·N_frozen + 6·N_lora + attention
+    ntok, fpt, peak = args.batch_size * args.seq_len, f0 + f1 * args.seq_len, peak_flops(device, dtype)
     res = {}
     print(f"{args.model}, batch {args.batch_size} × seq {args.seq_len}, {args.dtype}, r={args.rank}, "
           f"{args.iters} timed steps per method (medians)")
