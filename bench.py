@@ -36,16 +36,23 @@ def sync(device):
 
 def timeit(fn, device, warmup=3, iters=20):
     """Median wall time of fn() in ms, after warm-up, with the device synchronized around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return interleaved({"": fn}, device, warmup, iters)[""]
+
+
+def interleaved(fns, device, warmup=3, iters=20):
+    """{name: median ms}: the functions take turns, so drift in clocks or machine load hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def header(device):
@@ -100,13 +107,11 @@ def bench_refactor(args):
         sync(device)
         print(f"compile time {time.perf_counter() - t0:.1f} s")
         rows.append(("batched, compiled", compiled))
-    # refactor-S: norms and in-place rescaling of factors and both Adam moments
+    # RefLoRA-S: norms and in-place rescaling of factors and both Adam moments
     moments = [[t.clone() for t in ts] for ts in (gAs, gAs, gBs, gBs)]
-    results = {}
-    for name, fn in rows:
-        results[name] = timeit(lambda: fn(As, Bs, gAs, gBs), device, iters=args.iters)
-    results["RefLoRA-S rescale (batched, eager)"] = timeit(lambda: reflora.rescale(As, Bs, moments), device,
-                                                           iters=args.iters)
+    fns = {name: (lambda fn=fn: fn(As, Bs, gAs, gBs)) for name, fn in rows}
+    fns["RefLoRA-S rescale (batched, eager)"] = lambda: reflora.rescale(As, Bs, moments)
+    results = interleaved(fns, device, warmup=2, iters=args.iters)
     base = results[rows[0][0]]
     for name, ms in results.items():
         print(f"{name:40s} {ms:9.2f} ms   {base / ms:6.1f}x vs loop")
