@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -195,6 +196,7 @@ class Transformer(nn.Module):
         # a plain attribute, not a buffer: float32 on the CPU even under torch.device("meta") or .to(bf16)
         with torch.device("cpu"):
             self.rope = rope_tables(args)
+        self.grad_checkpoint = False  # True: recompute each block in backward (activation memory ~1 block)
 
     def forward(self, tokens, targets=None, attn_mask=None, return_hidden=False, start_pos=0):
         """tokens (B,T); targets (B,T) already shifted, -100 ignored; attn_mask (B, start_pos+T), 0 = left padding."""
@@ -218,8 +220,12 @@ class Transformer(nn.Module):
             mask = ((mask & real[:, None, :]) | (k_idx == q_idx[:, None]))[:, None]  # (B, 1, T, S)
         h = self.tok_embeddings(tokens)
         rope = self.rope[pos]  # (B, T, hd/2, 2)
+        ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, rope, mask, start_pos)
+            if ckpt:  # the RNG state is saved too, so dropout masks repeat exactly in the recomputation
+                h = torch.utils.checkpoint.checkpoint(layer, h, rope, mask, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, start_pos)
         h = self.norm(h)
         if return_hidden:
             return h, None
@@ -603,17 +609,19 @@ def _lora_modules(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def save_adapter(model, out_dir):
-    """adapter_config.json + adapter_model.safetensors, which PEFT loads onto the HF checkpoint (same logits)."""
+def save_adapter(model, out_dir, lora=None):
+    """adapter_config.json + adapter_model.safetensors, which PEFT loads onto the HF checkpoint (same logits).
+    lora: the factors to write (lora_state_dict layout; full tensors of a sharded model), default the model's."""
     from safetensors.torch import save_file
     mods, args, tensors = _lora_modules(model), model.args, {}
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers")
+    lora = lora_state_dict(model) if lora is None else lora
     for n, m in mods.items():
         hf = "base_model.model." + rename(n + ".weight", META, HF)[: -len(".weight")]
-        tensors[hf + ".lora_A.weight"] = m.B.detach().T.contiguous()  # PEFT's lora_A = Bᵀ (r, in)
+        tensors[hf + ".lora_A.weight"] = lora[n + ".B"].T.contiguous()  # PEFT's lora_A = Bᵀ (r, in)
         # PEFT's lora_B = A (out, r), rows in HF's q/k order
-        tensors[hf + ".lora_B.weight"] = _qk(n, m.A.detach(), args, to_hf=True).contiguous()
+        tensors[hf + ".lora_B.weight"] = _qk(n, lora[n + ".A"], args, to_hf=True).contiguous()
     m = next(iter(mods.values()))
     cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout.p,
                target_modules=sorted({_HF_SHORT[n.rsplit(".", 1)[1]] for n in mods}), bias="none",

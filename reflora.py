@@ -98,35 +98,42 @@ def balance(A, B, S=None):
     return (A.to(S.dtype) @ root).to(A.dtype), (B.to(S.dtype) @ iroot).to(B.dtype)
 
 
-def precondition(As, Bs, gAs, gBs):
+def precondition(As, Bs, gAs, gBs, reduce=None):
     """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
 
     Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
     and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
     (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
+    reduce: for row shards of the factors (FSDP), a sum over the shards (Grams and sizes are sums over rows).
     """
     dt = _compute_dtype(As[0])
     # one batched eigh for the r×r Grams of all pairs, whatever their m and n
     Ga = torch.stack([A.to(dt).mT @ A.to(dt) for A in As])  # (k, r, r)
     Gb = torch.stack([B.to(dt).mT @ B.to(dt) for B in Bs])
     numel = lambda Xs: torch.tensor([X.numel() for X in Xs], dtype=dt).to(Ga.device)[:, None, None]
-    S, Sinv = _refactor(Ga, Gb, numel(As), numel(Bs))  # (k, r, r)
+    na, nb = numel(As), numel(Bs)
+    if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
+        Ga, Gb, na, nb = reduce(torch.cat([Ga, Gb, na.expand_as(Ga), nb.expand_as(Gb)])).split(len(As))
+        na, nb = na[:, :1, :1], nb[:, :1, :1]
+    S, Sinv = _refactor(Ga, Gb, na, nb)  # (k, r, r)
     gAs = [(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))]
     gBs = [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))]
     return gAs, gBs
 
 
-def rescale(As, Bs, moments):
+def rescale(As, Bs, moments, reduce=None):
     """RefLoRA-S after the base step (Thm 4): Ã = √s A, B̃ = B/√s, so ‖Ã‖_F = ‖B̃‖_F, in place.
 
     Adam's moments follow the gradients into the new coordinates: ∇Ã = ∇A/√s and ∇B̃ = √s ∇B, so the first
     moments scale like the gradients and the second moments like their squares. `moments` is
-    (mA, vA, mB, vB) lists, or None for plain gradient descent.
+    (mA, vA, mB, vB) lists, or None for plain gradient descent. reduce: a sum over row shards (FSDP), or None.
     """
-    a = torch._foreach_norm(As, 2, dtype=torch.float64)
-    b = torch._foreach_norm(Bs, 2, dtype=torch.float64)
+    a = torch.stack(torch._foreach_norm(As, 2, dtype=torch.float64))
+    b = torch.stack(torch._foreach_norm(Bs, 2, dtype=torch.float64))
+    if reduce is not None:  # ‖A‖²_F = Σ_shards ‖A_i‖²_F
+        a, b = reduce(torch.stack([a, b]).square()).sqrt().unbind(0)
     # Thm 4: s = ‖B‖_F / ‖A‖_F; 1 (no-op) where a factor is zero or non-finite
-    s = torch.stack(b) / torch.stack(a)
+    s = b / a
     s = torch.where((s > 0) & torch.isfinite(s), s, 1.0)
     dt = As[0].dtype
     up, down = s.sqrt().to(dt).unbind(0), s.rsqrt().to(dt).unbind(0)
@@ -146,6 +153,20 @@ def rescale(As, Bs, moments):
 # with RefLoRA's preconditioning before the base step or RefLoRA-S's rescaling after it.
 
 METHODS, BASES = ("lora", "reflora", "reflora-s"), ("adamw", "sgd")
+
+
+def local(t):
+    """The local shard of a DTensor (FSDP2 parameters, gradients and Adam moments: row shards), else t itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _shard_sum(t):
+    """-> the sum over the shards of t's mesh, as a function (funcol: traceable by torch.compile), or None."""
+    if not hasattr(t, "device_mesh"):
+        return None
+    from torch.distributed._functional_collectives import all_reduce
+    group = t.device_mesh.get_group()
+    return lambda x: all_reduce(x, "sum", group)
 
 
 class RefLoRA(torch.optim.Optimizer):
@@ -203,9 +224,11 @@ class RefLoRA(torch.optim.Optimizer):
     @torch.no_grad()
     def _refactor_before_step(self):
         for As, Bs in self._buckets(need_grads=True):
-            gAs, gBs = self._precondition(As, Bs, [A.grad for A in As], [B.grad for B in Bs])
+            L = lambda ts: [local(t) for t in ts]  # FSDP2: this rank's rows; reduce sums the Grams over ranks
+            gAs, gBs = self._precondition(L(As), L(Bs), L(A.grad for A in As), L(B.grad for B in Bs),
+                                          _shard_sum(As[0]))
             for p, g in zip(As + Bs, gAs + gBs):
-                p.grad = g
+                local(p.grad).copy_(g)
 
     @torch.no_grad()
     def _refactor_after_step(self):
@@ -214,13 +237,15 @@ class RefLoRA(torch.optim.Optimizer):
             # pairs with Adam moments (all, after the first step) and pairs without (before it, or never used)
             with_m = [(A, B) for A, B in zip(As, Bs) if has_moments(A, B)]
             without = [(A, B) for A, B in zip(As, Bs) if not has_moments(A, B)]
+            L = lambda ts: [local(t) for t in ts]  # FSDP2: in place on this rank's rows
             if with_m:
                 As_, Bs_ = map(list, zip(*with_m))
-                st = lambda ps, k: [self.state[p][k] for p in ps]
-                self._rescale(As_, Bs_, (st(As_, "exp_avg"), st(As_, "exp_avg_sq"), st(Bs_, "exp_avg"),
-                                         st(Bs_, "exp_avg_sq")))
+                st = lambda ps, k: L(self.state[p][k] for p in ps)
+                self._rescale(L(As_), L(Bs_), (st(As_, "exp_avg"), st(As_, "exp_avg_sq"), st(Bs_, "exp_avg"),
+                                               st(Bs_, "exp_avg_sq")), _shard_sum(As[0]))
             if without:
-                self._rescale(*map(list, zip(*without)), None)
+                As_, Bs_ = map(list, zip(*without))
+                self._rescale(L(As_), L(Bs_), None, _shard_sum(As[0]))
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -10,8 +10,10 @@ Finetune a LLaMA-family model with LoRA / RefLoRA / RefLoRA-S, then evaluate it.
 Defaults are the plain values below; `config/<name>.py` files (simple `name = literal` lines, read without exec)
 and `--name=value` flags override them, in order. The resolved config is printed and saved in every checkpoint.
 Under torchrun the job is data-parallel (DDP): gradients are all-reduced on the last micro-step only, so RefLoRA
-sees the synchronized gradients and every rank computes the same S̃. FSDP2 sharding is not wired in (it needs
-DTensor-aware RefLoRA Grams and adapter export); 7B/8B LoRA fits one 80 GB GPU in bf16.
+sees the synchronized gradients and every rank computes the same S̃. With --fsdp=True each block is sharded by
+rows instead (FSDP2 fully_shard): RefLoRA sums its r×r Grams and norms over the shards (one all-reduce per step),
+checkpoints hold full tensors (the same state.pt as without sharding), and evaluation runs afterwards with
+--eval_only=True, one whole model per rank.
 
 References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' commonsense recipe
 (zhangyilang/RefLoRA commonsense_reasoning/finetune.py + evaluate.py, from LLM-Adapters): prompts, tokenize()
@@ -62,6 +64,8 @@ max_new_tokens = 32
 # optimization
 batch_size = 16  # global batch per optimizer step
 micro_batch_size = 8  # per process; gradient accumulation in between
+grad_checkpoint = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+group_by_length = False  # batches of similar length (less padding), as HF's group_by_length; order shuffled
 epochs = 2
 max_iters = 100  # optimizer steps; 0 = `epochs` passes over the training set
 stop_iter = 0  # stop (after a checkpoint) at this step, the schedule unchanged: time-boxed jobs; 0 = never
@@ -79,6 +83,7 @@ device = "auto"  # auto | cpu | cuda | cuda:N
 dtype = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
 compile = True  # torch.compile the training forward (CUDA only)
 backend = ""  # torch.distributed backend under torchrun; "" = nccl on CUDA, gloo on CPU
+fsdp = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP, for models that do not fit one GPU
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k not in _before and k != "_before"}
 # --task=glue: defaults that suit a LLaMA classifier (used unless a config file or flag sets the key)
@@ -216,8 +221,29 @@ def encode_lm(tok, record, cutoff_len):
 
 
 def encode_cls(tok, record, cutoff_len):
-    text = record["text_a"] if record["text_b"] is None else record["text_a"] + GLUE_SEP + record["text_b"]
-    return tok.encode(text, bos=True)[:cutoff_len]
+    # [BOS] a (SEP b); a pair too long loses tokens from the end of its longer side first (HF's "longest_first"),
+    # so that RTE's hypothesis, after a long premise, survives truncation
+    a = tok.encode(record["text_a"], bos=True)
+    if record["text_b"] is None:
+        return a[:cutoff_len]
+    sep, b = tok.encode(GLUE_SEP), tok.encode(record["text_b"])
+    na, nb = len(a), len(b)
+    while na + nb > cutoff_len - len(sep):
+        na, nb = (na - 1, nb) if na > nb else (na, nb - 1)
+    return a[:na] + sep + b[:nb]
+
+
+def group_by_len(perm, lengths, batch_size, g, mega=50):
+    """A permutation whose consecutive batch_size-blocks hold examples of similar length: HF's LengthGroupedSampler
+    (chunks of `mega` batches of the shuffled order, each sorted by length), then the full batches of each chunk
+    shuffled, so that a run shorter than a chunk does not go from the longest examples to the shortest."""
+    out = []
+    for c in perm.split(mega * batch_size):
+        c = c[torch.tensor([lengths[i] for i in c.tolist()]).argsort(descending=True, stable=True)]
+        n = len(c) // batch_size * batch_size
+        blocks = c[:n].view(-1, batch_size)  # (batches, batch_size)
+        out += [blocks[torch.randperm(len(blocks), generator=g)].flatten(), c[n:]]
+    return torch.cat(out)
 
 
 def lm_batch(seqs, pad_id):
@@ -262,7 +288,7 @@ def load_data(cfg, data_dir, log):
 
 from model import add_lora, generate, load_adapter, load_model, lora_state_dict, merge_lora, \
     resolve_checkpoint, save_adapter  # noqa: E402
-from reflora import RefLoRA  # noqa: E402
+from reflora import RefLoRA, local  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -289,6 +315,7 @@ def build(cfg, device, dtype):
     if tok.n_words > model.args.vocab_size:
         raise ValueError(f"tokenizer {tok_path}: {tok.n_words} ids > the model's vocab_size {model.args.vocab_size}")
     add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
+    model.grad_checkpoint = cfg["grad_checkpoint"]
     clf = Classifier(model, GLUE_TASKS[cfg["glue_task"]]["num_labels"]) if cfg["task"] == "glue" else None
     return model, tok, clf
 
@@ -440,18 +467,16 @@ def _write_json(path, obj):
     os.replace(f"{path}.tmp", path)
 
 
-def save_checkpoint(out_dir, model, clf, state):
+def save_checkpoint(out_dir, model, lora, head, state):
     """Each file is written to out_dir/.tmp, then os.replace'd; state.pt goes last and holds its own copy of
     the LoRA (and head) tensors, so a crash at any point leaves a consistent, loadable checkpoint."""
     out, tmp = Path(out_dir), Path(out_dir) / ".tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, tmp)
-    if clf is not None:
-        save_file({k: v.contiguous() for k, v in clf.head.state_dict().items()}, tmp / "head.safetensors")
+    save_adapter(model, tmp, lora)
+    if head is not None:
+        save_file({k: v.contiguous() for k, v in head.items()}, tmp / "head.safetensors")
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
-    lora = {k: v.cpu() for k, v in lora_state_dict(model).items()}
-    head = None if clf is None else {k: v.detach().cpu() for k, v in clf.head.state_dict().items()}
     torch.save(dict(state, lora=lora, head=head), tmp / "state.pt")
     os.replace(tmp / "state.pt", out / "state.pt")
     tmp.rmdir()
@@ -464,14 +489,44 @@ def load_checkpoint(path, cfg, model, clf, opt, sched):
     for k in ("task", "glue_task", "init_from", "method", "lora_r", "lora_alpha", "lora_targets", "batch_size", "seed"):
         if st["config"][k] != cfg[k]:
             raise ValueError(f"--resume: {k}={cfg[k]!r}, but {path} was trained with {st['config'][k]!r}")
-    _, unexpected = model.load_state_dict(st["lora"], strict=False)
-    if unexpected or st["lora"].keys() != lora_state_dict(model).keys():
-        raise ValueError(f"{path}: its LoRA tensors do not match the model's")
-    if clf is not None:
-        clf.head.load_state_dict(st["head"])
+    ours = {**lora_state_dict(model), **({} if clf is None else {"head." + k: v for k, v in clf.head.state_dict().items()})}
+    theirs = {**st["lora"], **{"head." + k: v for k, v in (st["head"] or {}).items()}}
+    if theirs.keys() != ours.keys() or any(theirs[k].shape != v.shape for k, v in ours.items()):
+        raise ValueError(f"{path}: its LoRA (and head) tensors do not match the model's")
+    for k, v in ours.items():
+        local(v).copy_(local(_shard_like(theirs[k], v)))
     opt.load_state_dict(st["optimizer"])
+    for p, s in opt.state.items():
+        if hasattr(p, "device_mesh"):  # FSDP2: the saved full Adam moments -> this rank's shards
+            s.update({k: _shard_like(t, p) for k, t in s.items() if k != "step"})
     sched.load_state_dict(st["scheduler"])
     return st
+
+
+def _shard_like(full, p):
+    """The full tensor laid out as p: a DTensor sharded as p (FSDP2), else on p's device."""
+    if not hasattr(p, "device_mesh"):
+        return full.to(p.device)
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(local(p).device), p.device_mesh, p.placements)
+
+
+def _full(t):
+    """A DTensor's full value (an all-gather: every rank calls it), else t."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fully_shard(net, model, clf, bf16):
+    """FSDP2: each block, the head, then the rest (embeddings, norm, output) as the root; rows sharded over ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # a block is gathered in one dtype: under bf16 the float32 LoRA factors travel (and compute) in bf16 too;
+    # gradients are reduced and kept in float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    if clf is not None:
+        fully_shard(clf.head)  # float32, as the head computes
+    fully_shard(net, mp_policy=mp)
 
 
 # -----------------------------------------------------------------------------
@@ -514,6 +569,8 @@ def train(cfg):
     log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     log("config: " + json.dumps(cfg))
+    if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
+        raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
     if cfg["resume"] and not (out_dir / "state.pt").is_file():
         raise FileNotFoundError(f"--resume=True but {out_dir / 'state.pt'} does not exist")
     torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
@@ -533,6 +590,9 @@ def train(cfg):
         raise ValueError(f"{data_dir}: {len(train_set)} training examples, fewer than one batch of {cfg['batch_size']}")
     total = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
 
+    net = model if clf is None else clf  # the module trained
+    if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
+        _fully_shard(net, model, clf, _dtype(cfg, dev) == torch.bfloat16)
     # RefLoRA on the LoRA pairs (the head, if any, by the base rule); HF's linear warmup then linear decay to 0
     opt = RefLoRA(model.lora_pairs(), params=[] if clf is None else list(clf.head.parameters()), method=cfg["method"],
                   base="adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup=cfg["reflora_warmup"],
@@ -540,7 +600,6 @@ def train(cfg):
     w = cfg["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, w) if s < w else max(0.0, (total - s) / max(1, total - w)))
-    net = model if clf is None else clf  # the module trained
     trainable = [p for p in net.parameters() if p.requires_grad]
     torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ across ranks
     it, best_val, last_saved = 0, float("inf"), None
@@ -555,7 +614,7 @@ def train(cfg):
 
     # the training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP
     fwd = torch.compile(net) if cfg["compile"] and dev.type == "cuda" else net
-    if ddp:
+    if ddp and not cfg["fsdp"]:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
     encode = encode_lm if clf is None else encode_cls
     f0, f1 = flops_per_token(model, lm_head=clf is None)
@@ -564,19 +623,23 @@ def train(cfg):
     log(f"training: {len(train_set):,} examples, {total} steps of {cfg['batch_size']} ({world} × {accum} × {mb}), "
         f"{sum(p.numel() for p in trainable):,} trainable parameters, {cfg['method']}")
     logf = open(out_dir / "log.jsonl", "a") if master else None
+    lengths = [len(encode(tok, r, cfg["cutoff_len"])) for r in train_set] if cfg["group_by_length"] else None
     perms = {}
 
     def batch_at(step):
         # the examples of optimizer step `step`: a function of (seed, step) alone, so resuming is exact
         ep, k = divmod(step, steps_per_epoch)
         if ep not in perms:
-            perms[ep] = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg["seed"] + ep))
+            g = torch.Generator().manual_seed(cfg["seed"] + ep)
+            perms[ep] = torch.randperm(len(train_set), generator=g)
+            if lengths is not None:
+                perms[ep] = group_by_len(perms[ep], lengths, cfg["batch_size"], g)
         idx = perms[ep][k * cfg["batch_size"]:(k + 1) * cfg["batch_size"]].tolist()
         return idx[rank * per_rank:(rank + 1) * per_rank]  # this rank's share of the global batch
 
     def stop_if_diverged(loss_sum, what="loss"):
         # a host sync: at log and checkpoint points only; every rank takes the same decision
-        bad = (~torch.isfinite(loss_sum)).float() + sum((~torch.isfinite(p)).any().float() for p in trainable)
+        bad = (~torch.isfinite(loss_sum)).float() + sum((~torch.isfinite(local(p))).any().float() for p in trainable)
         if ddp:
             torch.distributed.all_reduce(bad)
         if bad.item():
@@ -588,19 +651,26 @@ def train(cfg):
         if clf is None:
             v, metrics = val_loss(model, tok, cfg, val_set), {}
         else:
-            v, metrics = evaluate_glue(clf, tok, cfg, val_set, out_dir, rank, world)
+            # FSDP: every rank runs every batch (a forward is a collective), the master writes
+            v, metrics = evaluate_glue(clf, tok, cfg, val_set, out_dir if master else None,
+                                       *((0, 1) if cfg["fsdp"] else (rank, world)))
         stop_if_diverged(torch.tensor(v, device=dev), "validation loss")
         best_val = min(best_val, v)
         log(f"iter {it}: val loss {v:.4f}" + "".join(f", {k} {m:.4f}" for k, m in metrics.items()))
         rngs = [None] * world
         rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
         torch.distributed.all_gather_object(rngs, rng) if ddp else rngs.__setitem__(0, rng)
+        # full tensors (FSDP: gathered by every rank), so that state.pt is the same with or without sharding
+        cpu = lambda sd: {k: _full(v.detach()).cpu() for k, v in sd.items()}
+        lora, head = cpu(lora_state_dict(model)), None if clf is None else cpu(clf.head.state_dict())
+        optim = opt.state_dict()
+        optim["state"] = {i: {k: _full(t) for k, t in st.items()} for i, st in optim["state"].items()}
         if master:
             logf.write(json.dumps(dict(iter=it, val_loss=v, **metrics)) + "\n")
             logf.flush()
-            save_checkpoint(out_dir, model, clf, dict(
+            save_checkpoint(out_dir, model, lora, head, dict(
                 iter_num=it, epoch=it // steps_per_epoch, data_position=it % steps_per_epoch * cfg["batch_size"],
-                config=cfg, best_val=best_val, rng=rngs, optimizer=opt.state_dict(), scheduler=sched.state_dict()))
+                config=cfg, best_val=best_val, rng=rngs, optimizer=optim, scheduler=sched.state_dict()))
         last_saved = it
         if ddp:
             torch.distributed.barrier()
@@ -615,8 +685,10 @@ def train(cfg):
             seqs = [encode(tok, r, cfg["cutoff_len"]) for r in rs]
             T = max(map(len, seqs))
             tokens, flops = tokens + sum(map(len, seqs)), flops + len(seqs) * T * (f0 + f1 * T)
-            # DDP all-reduces gradients on the last micro-step only: RefLoRA then sees the synchronized ones
-            with fwd.no_sync() if ddp and m < accum - 1 else nullcontext(), _autocast(dev, cfg):
+            # DDP / FSDP reduce gradients on the last micro-step only: RefLoRA then sees the synchronized ones
+            if cfg["fsdp"]:
+                net.set_requires_gradient_sync(m == accum - 1)
+            with fwd.no_sync() if ddp and not cfg["fsdp"] and m < accum - 1 else nullcontext(), _autocast(dev, cfg):
                 if clf is None:
                     x, y = lm_batch(seqs, tok.pad_id)
                     loss = fwd(x.to(dev), targets=y.to(dev))[1]
@@ -659,7 +731,9 @@ def train(cfg):
             t_log = time.time()  # validation time is not training time
 
     result = dict(iter=it, best_val=best_val)
-    if it == total and clf is None:  # finished: the benchmark, on the merged model
+    if it == total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
+        log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
+    elif it == total and clf is None:  # finished: the benchmark, on the merged model
         merge_lora(model)
         result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log)
     if logf:

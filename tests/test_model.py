@@ -415,6 +415,24 @@ def test_lora_init_zero_start_and_trainables():
         M.add_lora(rand_model(), 2, 4, targets=("wqkv",))
 
 
+def test_grad_checkpoint_same_loss_and_grads():
+    # recomputation in backward, dropout included (its RNG state is replayed): identical loss and LoRA gradients
+    res = []
+    for ckpt in (False, True):
+        m = M.add_lora(rand_model(), r=3, alpha=6, dropout=0.3)
+        with torch.no_grad():
+            for A, _ in m.lora_pairs():
+                A.normal_()
+        m.grad_checkpoint = ckpt
+        torch.manual_seed(5)
+        loss = m(TOKENS, TOKENS)[1]
+        loss.backward()
+        res.append((loss, [p.grad for ab in m.lora_pairs() for p in ab]))
+    assert torch.equal(res[0][0], res[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(res[0][1], res[1][1]))
+    assert any(g.abs().max() > 0 for g in res[0][1])
+
+
 def test_lora_formula_and_merge():
     m = M.add_lora(rand_model(), r=3, alpha=6, targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3"))
     with torch.no_grad():

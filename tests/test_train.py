@@ -95,13 +95,44 @@ def test_config_types_files_and_errors(tmp_path, capsys):
         assert err.startswith("train.py: error:") and "\n" not in err, err
 
 
+def test_encode_cls_truncates_longest_first():
+    tok = T.load_tokenizer("bytes")
+    short = dict(text_a="a premise", text_b="its hypothesis")
+    assert T.encode_cls(tok, short, 64) == tok.encode("a premise" + T.GLUE_SEP + "its hypothesis", bos=True)
+    assert T.encode_cls(tok, dict(text_a="one sentence " * 9, text_b=None), 20) == tok.encode("one sentence " * 9,
+                                                                                             bos=True)[:20]
+    # a long premise is cut, the hypothesis kept whole (a plain [:cutoff] would drop it)
+    ids = T.encode_cls(tok, dict(text_a="p" * 300, text_b="the hypothesis"), 64)
+    assert len(ids) == 64 and ids[-14:] == tok.encode("the hypothesis") and ids[0] == tok.bos_id
+    # both long: both cut, to equal lengths (BOS counted with the first)
+    ids = T.encode_cls(tok, dict(text_a="p" * 300, text_b="q" * 300), 65)
+    assert len(ids) == 65 and ids.count(tok.encode("p")[0]) == 31 and ids[-32:] == tok.encode("q" * 32)
+
+
+def test_group_by_length_batches():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 500, (1000,), generator=g).tolist()
+    perm = torch.randperm(1000, generator=g)
+    out = T.group_by_len(perm, lengths, 8, torch.Generator().manual_seed(1), mega=10)
+    assert sorted(out.tolist()) == list(range(1000))  # a permutation
+    assert torch.equal(out, T.group_by_len(perm, lengths, 8, torch.Generator().manual_seed(1), mega=10))
+    chunk = {i: c for c, block in enumerate(perm.split(80)) for i in block.tolist()}
+    spread = lambda p: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in p.view(-1, 8).tolist())
+    for b in out.view(-1, 8).tolist():
+        assert len({chunk[i] for i in b}) == 1  # each batch from one chunk of the shuffled order
+    assert spread(out) < spread(perm) / 5  # and of similar lengths
+    # batches are shuffled within a chunk, not in descending length
+    maxima = [max(lengths[i] for i in b) for b in out[:80].view(-1, 8).tolist()]
+    assert maxima != sorted(maxima, reverse=True)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: resume is bitwise, saves are atomic
 
 
 def test_resume_is_bitwise(tmp_path):
     # reflora (Thm 3) refactors from step 2 on; dropout exercises the RNG state across the resume
-    common = ["--method=reflora", "--lora_dropout=0.1", "--eval_limit=1"]
+    common = ["--method=reflora", "--lora_dropout=0.1", "--eval_limit=1", "--group_by_length=True"]
     straight = T.parse_config(tiny_args(tmp_path / "a", max_iters=6) + common)
     T.train(straight)
     half = T.parse_config(tiny_args(tmp_path / "b", max_iters=6, stop_iter=3) + common)
@@ -242,3 +273,39 @@ def test_ddp_two_processes_match_one(tmp_path):
     for n in ("boolq", "piqa"):
         a, b = (json.loads((tmp_path / d / "out" / f"eval_{n}.json").read_text()) for d in ("one", "two"))
         assert a["predictions"] == b["predictions"] and a["outputs"] == b["outputs"]
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: 2 processes (gloo, CPU), each block sharded by rows; RefLoRA's Grams and norms summed over the shards
+
+
+@pytest.mark.parametrize("method", ["reflora", "reflora-s"])
+def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
+    flags = lambda d, **kw: tiny_args(d, lora_dropout=0.0, max_iters=4, eval_limit=1, eval_interval=2,
+                                      method=method, **kw)
+    T.train(T.parse_config(flags(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda d, *extra: subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         *flags(d), "--fsdp=True", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    r = run(tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(tmp_path / "half", "--stop_iter=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(tmp_path / "half", "--resume=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two, half = (state(tmp_path / d / "out") for d in ("one", "two", "half"))
+    assert two["iter_num"] == half["iter_num"] == 4
+    # the state.pt of a sharded run is the full one: same keys and shapes, same values up to reduction order
+    for k in one["lora"]:
+        torch.testing.assert_close(two["lora"][k], one["lora"][k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(half["lora"][k], two["lora"][k], rtol=1e-5, atol=1e-7)
+    for sa, sb in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
+        for k in sa:  # Adam moments: normwise (elements near 0 carry the float32 reduction-order noise)
+            assert sb[k].shape == sa[k].shape and (sb[k] - sa[k]).norm() <= 1e-4 * sa[k].norm(), k
+    assert any(v.abs().max() > 0 for k, v in one["lora"].items() if k.endswith(".A"))
+    # the PEFT export of the sharded run holds the full tensors
+    model = T.load_model("tiny")
+    T.load_adapter(model, tmp_path / "two/out")
+    for k, v in T.lora_state_dict(model).items():
+        assert torch.equal(v, two["lora"][k]), k
