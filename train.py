@@ -489,7 +489,8 @@ def load_checkpoint(path, cfg, model, clf, opt, sched):
     for k in ("task", "glue_task", "init_from", "method", "lora_r", "lora_alpha", "lora_targets", "batch_size", "seed"):
         if st["config"][k] != cfg[k]:
             raise ValueError(f"--resume: {k}={cfg[k]!r}, but {path} was trained with {st['config'][k]!r}")
-    ours = {**lora_state_dict(model), **({} if clf is None else {"head." + k: v for k, v in clf.head.state_dict().items()})}
+    head = {} if clf is None else clf.head.state_dict()
+    ours = {**lora_state_dict(model), **{"head." + k: v for k, v in head.items()}}
     theirs = {**st["lora"], **{"head." + k: v for k, v in (st["head"] or {}).items()}}
     if theirs.keys() != ours.keys() or any(theirs[k].shape != v.shape for k, v in ours.items()):
         raise ValueError(f"{path}: its LoRA (and head) tensors do not match the model's")

@@ -232,6 +232,12 @@ def test_glue_head_trains_and_writes_metrics(tmp_path, task):
     assert (tmp_path / "out" / "head.safetensors").is_file()
     # --eval_only reloads adapter + head from out_dir and gets the same dev metrics
     assert T.train({**cfg, "eval_only": True}) == d["metrics"]
+    # stop after 1 step + resume == straight, the head included
+    half = {**cfg, "out_dir": str(tmp_path / "half"), "stop_iter": 1}
+    T.train(half)
+    T.train({**half, "stop_iter": 0, "resume": True})
+    h = state(tmp_path / "half")
+    assert all(torch.equal(h[k][n], st[k][n]) for k in ("lora", "head") for n in st[k])
 
 
 # -----------------------------------------------------------------------------
