@@ -315,9 +315,9 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--compile", type=lambda s: {"true": True, "false": False}[s.lower()],
-                   default=torch.cuda.is_available(), help="True/False")
-    p.add_argument("--grad_checkpoint", type=lambda s: {"true": True, "false": False}[s.lower()], default=False,
+    boolean = lambda s: {"true": True, "false": False}[s.lower()]  # noqa: E731
+    p.add_argument("--compile", type=boolean, default=torch.cuda.is_available(), help="True/False")
+    p.add_argument("--grad_checkpoint", type=boolean, default=False,
                    help="True/False: recompute activations in backward")
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--png", default="")

@@ -617,7 +617,7 @@ def save_adapter(model, out_dir, lora=None):
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers")
     lora = lora_state_dict(model) if lora is None else lora
-    for n, m in mods.items():
+    for n in mods:
         hf = "base_model.model." + rename(n + ".weight", META, HF)[: -len(".weight")]
         tensors[hf + ".lora_A.weight"] = lora[n + ".B"].T.contiguous()  # PEFT's lora_A = Bᵀ (r, in)
         # PEFT's lora_B = A (out, r), rows in HF's q/k order

@@ -160,6 +160,10 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _locals(ts):
+    return [local(t) for t in ts]
+
+
 def _shard_sum(t):
     """-> the sum over the shards of t's mesh, as a function (funcol: traceable by torch.compile), or None."""
     if not hasattr(t, "device_mesh"):
@@ -224,11 +228,14 @@ class RefLoRA(torch.optim.Optimizer):
     @torch.no_grad()
     def _refactor_before_step(self):
         for As, Bs in self._buckets(need_grads=True):
-            L = lambda ts: [local(t) for t in ts]  # FSDP2: this rank's rows; reduce sums the Grams over ranks
-            gAs, gBs = self._precondition(L(As), L(Bs), L(A.grad for A in As), L(B.grad for B in Bs),
-                                          _shard_sum(As[0]))
+            # FSDP2: this rank's rows, with the Grams summed over the ranks
+            gAs, gBs = self._precondition(_locals(As), _locals(Bs), _locals(A.grad for A in As),
+                                          _locals(B.grad for B in Bs), _shard_sum(As[0]))
             for p, g in zip(As + Bs, gAs + gBs):
-                local(p.grad).copy_(g)
+                if hasattr(p.grad, "to_local"):
+                    p.grad.to_local().copy_(g)  # a DTensor gradient keeps its sharding
+                else:
+                    p.grad = g
 
     @torch.no_grad()
     def _refactor_after_step(self):
@@ -237,15 +244,15 @@ class RefLoRA(torch.optim.Optimizer):
             # pairs with Adam moments (all, after the first step) and pairs without (before it, or never used)
             with_m = [(A, B) for A, B in zip(As, Bs) if has_moments(A, B)]
             without = [(A, B) for A, B in zip(As, Bs) if not has_moments(A, B)]
-            L = lambda ts: [local(t) for t in ts]  # FSDP2: in place on this rank's rows
+            reduce = _shard_sum(As[0])  # FSDP2: in place on this rank's rows, norms summed over the ranks
             if with_m:
                 As_, Bs_ = map(list, zip(*with_m))
-                st = lambda ps, k: L(self.state[p][k] for p in ps)
-                self._rescale(L(As_), L(Bs_), (st(As_, "exp_avg"), st(As_, "exp_avg_sq"), st(Bs_, "exp_avg"),
-                                               st(Bs_, "exp_avg_sq")), _shard_sum(As[0]))
+                st = lambda ps, k: _locals(self.state[p][k] for p in ps)
+                self._rescale(_locals(As_), _locals(Bs_), (st(As_, "exp_avg"), st(As_, "exp_avg_sq"),
+                                                           st(Bs_, "exp_avg"), st(Bs_, "exp_avg_sq")), reduce)
             if without:
                 As_, Bs_ = map(list, zip(*without))
-                self._rescale(L(As_), L(Bs_), None, _shard_sum(As[0]))
+                self._rescale(_locals(As_), _locals(Bs_), None, reduce)
 
     @torch.no_grad()
     def step(self, closure=None):
