@@ -19,6 +19,7 @@ References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' c
 (zhangyilang/RefLoRA commonsense_reasoning/finetune.py + evaluate.py, from LLM-Adapters): prompts, tokenize()
 with EOS and cutoff_len, 120 held-out examples, beam search 4 / 32 new tokens; HF Trainer as they ran it:
 get_linear_schedule_with_warmup, grad-norm clip 1.0, loss averaged over the accumulation steps.
+The evaluation protocols live in evaluate.py, the training-state checkpoint (state.pt) in checkpoint.py.
 """
 import ast
 import json
@@ -28,11 +29,23 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from checkpoint import load_checkpoint, restore_rng, save_checkpoint, training_state
+from data.commonsense.prepare import load_train
+from data.glue.prepare import TASKS as GLUE_TASKS, glue_path, read_glue
+from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, evaluate, \
+    evaluate_glue, hms, lm_batch, val_loss
+from model import add_lora, generate, load_adapter, load_model, lora_state_dict, merge_lora, \
+    resolve_checkpoint, save_adapter
+from reflora import RefLoRA, local
+from tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parent
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,7 +106,6 @@ CHOICES = dict(method=("lora", "reflora", "reflora-s"), task=("commonsense", "gl
                glue_task=("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"),
                dtype=("auto", "float32", "bfloat16"))
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-GLUE_SEP = "\n"  # joins the two sentences of a pair
 
 
 class TrainingDiverged(RuntimeError):
@@ -193,12 +205,10 @@ def parse_config(argv):
     return cfg
 
 
+
+
 # -----------------------------------------------------------------------------
 # data: commonsense (LLM-Adapters JSON) and GLUE; tokenized on the fly, one deterministic permutation per epoch
-
-from data.commonsense.prepare import DATASETS, eval_prompt, extract_answer, load_test, load_train, \
-    split_response, train_prompt  # noqa: E402
-from data.glue.prepare import TASKS as GLUE_TASKS, glue_metrics, glue_path, read_glue  # noqa: E402
 
 
 def resolve_data_dir(cfg):
@@ -211,26 +221,6 @@ def resolve_data_dir(cfg):
         prepared = glue_path(cfg["glue_task"], "train", local).is_file()
     return local if prepared else ROOT.parent / "shared" / "data" / cfg["task"]
 
-
-def encode_lm(tok, record, cutoff_len):
-    # the authors' tokenize(): truncate at cutoff_len; EOS only if not truncated and not already last
-    ids = tok.encode(train_prompt(record), bos=True)[:cutoff_len]
-    if len(ids) < cutoff_len and ids[-1] != tok.eos_id:
-        ids.append(tok.eos_id)
-    return ids
-
-
-def encode_cls(tok, record, cutoff_len):
-    # [BOS] a (SEP b); a pair too long loses tokens from the end of its longer side first (HF's "longest_first"),
-    # so that RTE's hypothesis, after a long premise, survives truncation
-    a = tok.encode(record["text_a"], bos=True)
-    if record["text_b"] is None:
-        return a[:cutoff_len]
-    sep, b = tok.encode(GLUE_SEP), tok.encode(record["text_b"])
-    na, nb = len(a), len(b)
-    while na + nb > cutoff_len - len(sep):
-        na, nb = (na - 1, nb) if na > nb else (na, nb - 1)
-    return a[:na] + sep + b[:nb]
 
 
 def group_by_len(perm, lengths, batch_size, g, mega=50):
@@ -245,27 +235,6 @@ def group_by_len(perm, lengths, batch_size, g, mega=50):
         out += [blocks[torch.randperm(len(blocks), generator=g)].flatten(), c[n:]]
     return torch.cat(out)
 
-
-def lm_batch(seqs, pad_id):
-    """Right padding; targets[:, t] = token t+1 (train_on_inputs: the whole sequence), -100 on pads."""
-    T = max(map(len, seqs))
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    y = torch.full((len(seqs), T), -100, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-        y[i, :len(s) - 1] = torch.tensor(s[1:])
-    return x, y
-
-
-def cls_batch(seqs, pad_id):
-    """Left padding, so position -1 is every row's last real token; mask 1 = real token."""
-    T = max(map(len, seqs))
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        x[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = True
-    return x, mask
 
 
 def load_data(cfg, data_dir, log):
@@ -283,13 +252,9 @@ def load_data(cfg, data_dir, log):
     return [records[i] for i in sorted(perm[k:])], [records[i] for i in sorted(perm[:k])]
 
 
+
 # -----------------------------------------------------------------------------
 # model: LLaMA + LoRA (+ a float32 linear head for glue)
-
-from model import add_lora, generate, load_adapter, load_model, lora_state_dict, merge_lora, \
-    resolve_checkpoint, save_adapter  # noqa: E402
-from reflora import RefLoRA, local  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
 
 
 class Classifier(nn.Module):
@@ -336,218 +301,9 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
               "4090": 165e12, "3090": 71e12, "V100": 125e12}  # dense bf16 (fp16 for V100)
 
 
-# -----------------------------------------------------------------------------
-# evaluation
-
-
-def _by_length(seqs, size):
-    """Batches of indices into seqs, sorted by length (little padding); results go back by index."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-def _sharded(fn, batches, rank, world):
-    """fn(batches[rank::world]) -> one result per batch, gathered in batch order on every rank."""
-    mine = fn(batches[rank::world])
-    if world == 1:
-        return mine
-    parts = [None] * world
-    torch.distributed.all_gather_object(parts, mine)
-    return [parts[i % world][i // world] for i in range(len(batches))]
-
-
-@torch.no_grad()
-def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print):
-    """The benchmark's protocol on each commonsense test set (model already merged): beam search from the
-    evaluation prompt, the response after "### Response:", the dataset's first pattern match == answer.
-    Batched: left padding + mask + KV cache (model.generate). Writes out_dir/eval_<set>.json; -> {set: accuracy}."""
-    names = list(cfg["eval_sets"]) or [n for n in DATASETS if (Path(data_dir) / "dataset" / n / "test.json").is_file()]
-    if not names:
-        raise FileNotFoundError(f"{data_dir}: no dataset/<name>/test.json to evaluate on")
-    if len(names) < len(DATASETS) and not cfg["eval_sets"]:
-        log(f"eval: no test set for {', '.join(n for n in DATASETS if n not in names)} in {data_dir}")
-    amp, results, rows = _autocast(next(model.parameters()).device, cfg), {}, []
-    for name in names:
-        records = load_test(data_dir, name)[:cfg["eval_limit"] or None]
-        prompts = [tok.encode(eval_prompt(r["instruction"]), bos=True) for r in records]
-        room = model.args.max_seq_len - cfg["max_new_tokens"]  # only the tiny preset's 256 is ever too short
-        if any(len(p) > room for p in prompts):
-            log(f"eval {name}: {sum(len(p) > room for p in prompts)} prompts cut to their last {room} tokens")
-            prompts = [p[-room:] for p in prompts]
-        batches, t0 = _by_length(prompts, cfg["eval_batch_size"]), time.time()
-
-        def run(mine):
-            out = []
-            for k, b in enumerate(mine):
-                with amp:
-                    new = generate(model, [prompts[i] for i in b], cfg["max_new_tokens"], tok.eos_id, tok.pad_id,
-                                   num_beams=cfg["num_beams"])
-                out.append([tok.decode(ids) for ids in new])
-                if rank == 0 and sys.stdout.isatty():  # progress bar with ETA, on a terminal only
-                    eta = (time.time() - t0) / (k + 1) * (len(mine) - k - 1)
-                    print(f"\reval {name}: {k + 1}/{len(mine)} batches, eta {_hms(eta)}  ", end="", flush=True)
-            return out
-
-        texts = [""] * len(records)
-        for b, outs in zip(batches, _sharded(run, batches, rank, world)):
-            for i, text in zip(b, outs):
-                texts[i] = text
-        if rank == 0 and sys.stdout.isatty():
-            print()
-        # split_response of the generation alone = of prompt + generation (the prompt ends with the split string)
-        preds = [extract_answer(name, split_response(t)) for t in texts]
-        labels = [r["answer"] for r in records]
-        results[name] = sum(p == y for p, y in zip(preds, labels)) / max(len(records), 1)
-        rows.append(f"{name:<14} {len(records):>6} {100 * results[name]:>6.1f}")
-        if rank == 0:
-            _write_json(Path(out_dir) / f"eval_{name}.json", dict(dataset=name, accuracy=results[name],
-                        n=len(records), predictions=preds, labels=labels, outputs=texts))
-    avg = 100 * sum(results.values()) / len(results)
-    log("\n".join([f"{'dataset':<14} {'n':>6} {'acc':>6}", *rows, f"{'average':<14} {'':>6} {avg:>6.1f}"]))
-    return results
-
-
-@torch.no_grad()
-def evaluate_glue(clf, tok, cfg, records, out_dir=None, rank=0, world=1):
-    """-> (dev loss, GLUE metrics) of the classifier; writes out_dir/eval_<task>.json when out_dir is given."""
-    clf.eval()
-    seqs, dev = [encode_cls(tok, r, cfg["cutoff_len"]) for r in records], next(clf.parameters()).device
-    batches = _by_length(seqs, cfg["eval_batch_size"])
-
-    def run(mine):
-        out = []
-        for b in mine:
-            x, mask = cls_batch([seqs[i] for i in b], tok.pad_id)
-            with _autocast(dev, cfg):
-                out.append(clf(x.to(dev), mask.to(dev)).cpu())
-        return out
-
-    logits = torch.empty(len(seqs), clf.head.out_features)  # (N, n_out)
-    for b, out in zip(batches, _sharded(run, batches, rank, world)):
-        logits[b] = out
-    labels = [r["label"] for r in records]
-    preds = logits[:, 0].tolist() if clf.head.out_features == 1 else logits.argmax(-1).tolist()
-    metrics = glue_metrics(cfg["glue_task"], preds, labels)
-    if out_dir is not None and rank == 0:
-        _write_json(Path(out_dir) / f"eval_{cfg['glue_task']}.json",
-                    dict(task=cfg["glue_task"], n=len(labels), metrics=metrics, predictions=preds, labels=labels))
-    clf.train()
-    return _cls_loss(logits, torch.tensor(labels)).item(), metrics
-
-
-@torch.no_grad()
-def val_loss(model, tok, cfg, records):
-    """Token-weighted mean loss over the held-out commonsense examples."""
-    model.eval()
-    seqs, dev = [encode_lm(tok, r, cfg["cutoff_len"]) for r in records], next(model.parameters()).device
-    total, count = torch.zeros((), device=dev), 0
-    for b in _by_length(seqs, cfg["micro_batch_size"]):
-        x, y = lm_batch([seqs[i] for i in b], tok.pad_id)
-        n = int((y != -100).sum())
-        with _autocast(dev, cfg):
-            total += model(x.to(dev), targets=y.to(dev))[1].float() * n
-        count += n
-    model.train()
-    return (total / max(count, 1)).item()
-
-
-def _cls_loss(logits, labels):
-    # one output and MSE for STS-B, cross-entropy otherwise
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits[:, 0], labels.float())
-    return F.cross_entropy(logits, labels.long())
-
 
 # -----------------------------------------------------------------------------
-# checkpoints: the PEFT adapter (+ head) to export; state.pt (with its own LoRA copy) is what --resume reads
-
-
-def _write_json(path, obj):
-    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
-    os.replace(f"{path}.tmp", path)
-
-
-def save_checkpoint(out_dir, model, lora, head, state):
-    """Each file is written to out_dir/.tmp, then os.replace'd; state.pt goes last and holds its own copy of
-    the LoRA (and head) tensors, so a crash at any point leaves a consistent, loadable checkpoint."""
-    out, tmp = Path(out_dir), Path(out_dir) / ".tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, tmp, lora)
-    if head is not None:
-        save_file({k: v.contiguous() for k, v in head.items()}, tmp / "head.safetensors")
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
-    torch.save(dict(state, lora=lora, head=head), tmp / "state.pt")
-    os.replace(tmp / "state.pt", out / "state.pt")
-    tmp.rmdir()
-
-
-@torch.no_grad()
-def load_checkpoint(path, cfg, model, clf, opt, sched):
-    """Restore LoRA (+ head), optimizer (RefLoRA state included) and scheduler from state.pt; -> the state dict."""
-    st = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("task", "glue_task", "init_from", "method", "lora_r", "lora_alpha", "lora_targets", "batch_size", "seed"):
-        if st["config"][k] != cfg[k]:
-            raise ValueError(f"--resume: {k}={cfg[k]!r}, but {path} was trained with {st['config'][k]!r}")
-    head = {} if clf is None else clf.head.state_dict()
-    ours = {**lora_state_dict(model), **{"head." + k: v for k, v in head.items()}}
-    theirs = {**st["lora"], **{"head." + k: v for k, v in (st["head"] or {}).items()}}
-    if theirs.keys() != ours.keys() or any(theirs[k].shape != v.shape for k, v in ours.items()):
-        raise ValueError(f"{path}: its LoRA (and head) tensors do not match the model's")
-    for k, v in ours.items():
-        local(v).copy_(local(_shard_like(theirs[k], v)))
-    opt.load_state_dict(st["optimizer"])
-    for p, s in opt.state.items():
-        if hasattr(p, "device_mesh"):  # FSDP2: the saved full Adam moments -> this rank's shards
-            s.update({k: _shard_like(t, p) for k, t in s.items() if k != "step"})
-    sched.load_state_dict(st["scheduler"])
-    return st
-
-
-def _shard_like(full, p):
-    """The full tensor laid out as p: a DTensor sharded as p (FSDP2), else on p's device."""
-    if not hasattr(p, "device_mesh"):
-        return full.to(p.device)
-    from torch.distributed.tensor import distribute_tensor
-    return distribute_tensor(full.to(local(p).device), p.device_mesh, p.placements)
-
-
-def _full(t):
-    """A DTensor's full value (an all-gather: every rank calls it), else t."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _fully_shard(net, model, clf, bf16):
-    """FSDP2: each block, the head, then the rest (embeddings, norm, output) as the root; rows sharded over ranks."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # a block is gathered in one dtype: under bf16 the float32 LoRA factors travel (and compute) in bf16 too;
-    # gradients are reduced and kept in float32
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=mp)
-    if clf is not None:
-        fully_shard(clf.head)  # float32, as the head computes
-    fully_shard(net, mp_policy=mp)
-
-
-# -----------------------------------------------------------------------------
-# training
-
-
-def _dtype(cfg, dev):
-    if cfg["dtype"] == "auto":
-        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, cfg["dtype"])
-
-
-def _autocast(dev, cfg):  # bf16 autocast on CUDA; float32 (no autocast) on CPU
-    bf16 = dev.type == "cuda" and _dtype(cfg, dev) == torch.bfloat16
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-
-
-def _hms(s):
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+# distributed: torchrun's processes, DDP or FSDP2 (how the job is laid out, not what is saved)
 
 
 def _setup(cfg):
@@ -563,11 +319,29 @@ def _setup(cfg):
     return True, int(os.environ["RANK"]), world, torch.device(dev)
 
 
+
+def _fully_shard(net, model, clf, bf16):
+    """FSDP2: each block, the head, then the rest (embeddings, norm, output) as the root; rows sharded over ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    # a block is gathered in one dtype: under bf16 the float32 LoRA factors travel (and compute) in bf16 too;
+    # gradients are reduced and kept in float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    if clf is not None:
+        fully_shard(clf.head)  # float32, as the head computes
+    fully_shard(net, mp_policy=mp)
+
+
+
+# -----------------------------------------------------------------------------
+# training: train() reads top to bottom; the step, the log line and the checkpoint are the helpers below it
+
+
 def train(cfg):
     """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers."""
     ddp, rank, world, dev = _setup(cfg)
-    master, out_dir = rank == 0, Path(cfg["out_dir"])
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
+    out_dir, log = Path(cfg["out_dir"]), (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     log("config: " + json.dumps(cfg))
     if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
@@ -575,7 +349,7 @@ def train(cfg):
     if cfg["resume"] and not (out_dir / "state.pt").is_file():
         raise FileNotFoundError(f"--resume=True but {out_dir / 'state.pt'} does not exist")
     torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
-    model, tok, clf = build(cfg, dev, _dtype(cfg, dev))
+    model, tok, clf = build(cfg, dev, dtype_of(cfg, dev))
     data_dir = resolve_data_dir(cfg)
     if cfg["eval_only"]:
         return _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log)
@@ -584,162 +358,182 @@ def train(cfg):
     if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
         raise ValueError(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size × processes "
                          f"= {cfg['micro_batch_size']} × {world}")
-    per_rank, mb = cfg["batch_size"] // world, cfg["micro_batch_size"]
-    accum = per_rank // mb
     steps_per_epoch = len(train_set) // cfg["batch_size"]  # an epoch's last partial batch is dropped
     if steps_per_epoch == 0:
         raise ValueError(f"{data_dir}: {len(train_set)} training examples, fewer than one batch of {cfg['batch_size']}")
-    total = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
-
-    net = model if clf is None else clf  # the module trained
+    r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
+        cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok, clf=clf,
+        net=model if clf is None else clf, train_set=train_set, val_set=val_set, steps_per_epoch=steps_per_epoch,
+        total=cfg["max_iters"] or cfg["epochs"] * steps_per_epoch, per_rank=cfg["batch_size"] // world,
+        mb=cfg["micro_batch_size"], encode=encode_lm if clf is None else encode_cls, perms={},
+        it=0, best_val=float("inf"), last_saved=None)
+    r.accum = r.per_rank // r.mb
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
-        _fully_shard(net, model, clf, _dtype(cfg, dev) == torch.bfloat16)
-    # RefLoRA on the LoRA pairs (the head, if any, by the base rule); HF's linear warmup then linear decay to 0
+        _fully_shard(r.net, model, clf, dtype_of(cfg, dev) == torch.bfloat16)
+    r.opt, r.sched = _optimizer(cfg, model, clf, r.total, dev)
+    r.trainable = [p for p in r.net.parameters() if p.requires_grad]
+    torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ across ranks
+    if cfg["resume"]:
+        _resume(r)
+    r.fwd = _forward(r)
+    r.f0, r.f1 = flops_per_token(model, lm_head=clf is None)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+    r.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)  # None on CPU: mfu is printed as -
+    log(f"training: {len(train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({world} × {r.accum} × "
+        f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']}")
+    r.logf = open(out_dir / "log.jsonl", "a") if rank == 0 else None
+    r.lengths = [len(r.encode(tok, e, cfg["cutoff_len"])) for e in train_set] if cfg["group_by_length"] else None
+
+    r.net.train()
+    r.loss_sum, r.t_log, r.it_log, r.tokens, r.flops = torch.zeros((), device=dev), time.time(), r.it, 0, 0.0
+    while r.it < r.total and not (cfg["stop_iter"] and r.it >= cfg["stop_iter"]):
+        lr = _step(r)
+        r.it += 1
+        if r.it % cfg["log_interval"] == 0 or r.it == r.total:
+            _log_line(r, lr)
+        if (cfg["eval_interval"] and r.it % cfg["eval_interval"] == 0) or r.it in (r.total, cfg["stop_iter"]):
+            _stop_if_diverged(r, r.loss_sum)
+            _checkpoint(r)
+            r.t_log = time.time()  # validation time is not training time
+
+    result = dict(iter=r.it, best_val=r.best_val)
+    if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
+        log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
+    elif r.it == r.total and clf is None:  # finished: the benchmark, on the merged model
+        merge_lora(model)
+        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log)
+    if r.logf:
+        r.logf.close()
+    return result
+
+
+def _optimizer(cfg, model, clf, total, dev):
+    """RefLoRA on the LoRA pairs (the head, if any, by the base rule); HF's linear warmup then linear decay to 0."""
     opt = RefLoRA(model.lora_pairs(), params=[] if clf is None else list(clf.head.parameters()), method=cfg["method"],
                   base="adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup=cfg["reflora_warmup"],
                   interval=cfg["reflora_interval"], compile=cfg["compile"] and dev.type == "cuda")
     w = cfg["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, w) if s < w else max(0.0, (total - s) / max(1, total - w)))
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ across ranks
-    it, best_val, last_saved = 0, float("inf"), None
-    if cfg["resume"]:
-        st = load_checkpoint(out_dir / "state.pt", cfg, model, clf, opt, sched)
-        it, best_val, last_saved = st["iter_num"], st["best_val"], st["iter_num"]
-        rng = st["rng"][rank] if len(st["rng"]) == world else st["rng"][0]
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and dev.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], dev)
-        log(f"resumed from {out_dir / 'state.pt'} at iter {it}")
+    return opt, sched
 
-    # the training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP
-    fwd = torch.compile(net) if cfg["compile"] and dev.type == "cuda" else net
-    if ddp and not cfg["fsdp"]:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
-    encode = encode_lm if clf is None else encode_cls
-    f0, f1 = flops_per_token(model, lm_head=clf is None)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)  # None on CPU: mfu is printed as -
-    log(f"training: {len(train_set):,} examples, {total} steps of {cfg['batch_size']} ({world} × {accum} × {mb}), "
-        f"{sum(p.numel() for p in trainable):,} trainable parameters, {cfg['method']}")
-    logf = open(out_dir / "log.jsonl", "a") if master else None
-    lengths = [len(encode(tok, r, cfg["cutoff_len"])) for r in train_set] if cfg["group_by_length"] else None
-    perms = {}
 
-    def batch_at(step):
-        # the examples of optimizer step `step`: a function of (seed, step) alone, so resuming is exact
-        ep, k = divmod(step, steps_per_epoch)
-        if ep not in perms:
-            g = torch.Generator().manual_seed(cfg["seed"] + ep)
-            perms[ep] = torch.randperm(len(train_set), generator=g)
-            if lengths is not None:
-                perms[ep] = group_by_len(perms[ep], lengths, cfg["batch_size"], g)
-        idx = perms[ep][k * cfg["batch_size"]:(k + 1) * cfg["batch_size"]].tolist()
-        return idx[rank * per_rank:(rank + 1) * per_rank]  # this rank's share of the global batch
+def _resume(r):
+    """Counters, LoRA (+ head), optimizer, schedule and this rank's generators from out_dir/state.pt."""
+    st = load_checkpoint(r.out_dir / "state.pt", r.cfg, r.model, r.clf, r.opt, r.sched)
+    r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
+    restore_rng(st, r.rank, r.world, r.dev)
+    r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}")
 
-    def stop_if_diverged(loss_sum, what="loss"):
-        # a host sync: at log and checkpoint points only; every rank takes the same decision
-        bad = (~torch.isfinite(loss_sum)).float() + sum((~torch.isfinite(local(p))).any().float() for p in trainable)
-        if ddp:
-            torch.distributed.all_reduce(bad)
-        if bad.item():
-            good = f"{out_dir / 'state.pt'} (iter {last_saved})" if last_saved is not None else "none"
-            raise TrainingDiverged(f"non-finite {what} at or before iter {it}: stopping; last good checkpoint: {good}")
 
-    def checkpoint():
-        nonlocal best_val, last_saved
-        if clf is None:
-            v, metrics = val_loss(model, tok, cfg, val_set), {}
-        else:
-            # FSDP: every rank runs every batch (a forward is a collective), the master writes
-            v, metrics = evaluate_glue(clf, tok, cfg, val_set, out_dir if master else None,
-                                       *((0, 1) if cfg["fsdp"] else (rank, world)))
-        stop_if_diverged(torch.tensor(v, device=dev), "validation loss")
-        best_val = min(best_val, v)
-        log(f"iter {it}: val loss {v:.4f}" + "".join(f", {k} {m:.4f}" for k, m in metrics.items()))
-        rngs = [None] * world
-        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
-        torch.distributed.all_gather_object(rngs, rng) if ddp else rngs.__setitem__(0, rng)
-        # full tensors (FSDP: gathered by every rank), so that state.pt is the same with or without sharding
-        cpu = lambda sd: {k: _full(v.detach()).cpu() for k, v in sd.items()}
-        lora, head = cpu(lora_state_dict(model)), None if clf is None else cpu(clf.head.state_dict())
-        optim = opt.state_dict()
-        optim["state"] = {i: {k: _full(t) for k, t in st.items()} for i, st in optim["state"].items()}
-        if master:
-            logf.write(json.dumps(dict(iter=it, val_loss=v, **metrics)) + "\n")
-            logf.flush()
-            save_checkpoint(out_dir, model, lora, head, dict(
-                iter_num=it, epoch=it // steps_per_epoch, data_position=it % steps_per_epoch * cfg["batch_size"],
-                config=cfg, best_val=best_val, rng=rngs, optimizer=optim, scheduler=sched.state_dict()))
-        last_saved = it
-        if ddp:
-            torch.distributed.barrier()
+def _forward(r):
+    """The training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP."""
+    fwd = torch.compile(r.net) if r.cfg["compile"] and r.dev.type == "cuda" else r.net
+    if r.ddp and not r.cfg["fsdp"]:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[r.dev.index] if r.dev.type == "cuda" else None)
+    return fwd
 
-    net.train()
-    loss_sum = torch.zeros((), device=dev)
-    t_log, it_log, tokens, flops = time.time(), it, 0, 0.0
-    while it < total and not (cfg["stop_iter"] and it >= cfg["stop_iter"]):
-        idx = batch_at(it)
-        for m in range(accum):
-            rs = [train_set[i] for i in idx[m * mb:(m + 1) * mb]]
-            seqs = [encode(tok, r, cfg["cutoff_len"]) for r in rs]
-            T = max(map(len, seqs))
-            tokens, flops = tokens + sum(map(len, seqs)), flops + len(seqs) * T * (f0 + f1 * T)
-            # DDP / FSDP reduce gradients on the last micro-step only: RefLoRA then sees the synchronized ones
-            if cfg["fsdp"]:
-                net.set_requires_gradient_sync(m == accum - 1)
-            with fwd.no_sync() if ddp and not cfg["fsdp"] and m < accum - 1 else nullcontext(), _autocast(dev, cfg):
-                if clf is None:
-                    x, y = lm_batch(seqs, tok.pad_id)
-                    loss = fwd(x.to(dev), targets=y.to(dev))[1]
-                else:
-                    x, mask = cls_batch(seqs, tok.pad_id)
-                    loss = _cls_loss(fwd(x.to(dev), mask.to(dev)), torch.tensor([r["label"] for r in rs], device=dev))
-                # HF Trainer: each micro-batch's mean loss / the accumulation steps
-                (loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
-        torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        it += 1
 
-        if it % cfg["log_interval"] == 0 or it == total:
-            stop_if_diverged(loss_sum)
-            if ddp:
-                torch.distributed.all_reduce(loss_sum)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            n, dt = it - it_log, time.time() - t_log
-            mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (KiB on Linux)
-            rec = dict(iter=it, loss=loss_sum.item() / n / world, lr=lr, ms=1000 * dt / n, tok_s=tokens * world / dt,
-                       mfu=flops / dt / peak if peak else None, mem_gb=mem / 1e9, eta_s=dt / n * (total - it))
-            tps = f"{rec['tok_s'] / 1e3:.1f}k" if rec["tok_s"] >= 1e3 else f"{rec['tok_s']:.0f}"
-            mfu = "-" if peak is None else f"{100 * rec['mfu']:.1f}%"
-            log(f"iter {it}: loss {rec['loss']:.4f}, lr {lr:.1e}, {rec['ms']:.0f} ms, {tps} tok/s, mfu {mfu}, "
-                f"mem {rec['mem_gb']:.1f} GB, eta {_hms(rec['eta_s'])}")
-            if master:
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
-            loss_sum.zero_()
-            t_log, it_log, tokens, flops = time.time(), it, 0, 0.0
-        if (cfg["eval_interval"] and it % cfg["eval_interval"] == 0) or it in (total, cfg["stop_iter"]):
-            stop_if_diverged(loss_sum)
-            checkpoint()
-            t_log = time.time()  # validation time is not training time
+def _batch_at(r, step):
+    """This rank's examples of optimizer step `step`: a function of (seed, step) alone, so resuming is exact."""
+    ep, k = divmod(step, r.steps_per_epoch)
+    if ep not in r.perms:
+        g = torch.Generator().manual_seed(r.cfg["seed"] + ep)
+        r.perms[ep] = torch.randperm(len(r.train_set), generator=g)
+        if r.lengths is not None:
+            r.perms[ep] = group_by_len(r.perms[ep], r.lengths, r.cfg["batch_size"], g)
+    idx = r.perms[ep][k * r.cfg["batch_size"]:(k + 1) * r.cfg["batch_size"]].tolist()
+    return idx[r.rank * r.per_rank:(r.rank + 1) * r.per_rank]  # this rank's share of the global batch
 
-    result = dict(iter=it, best_val=best_val)
-    if it == total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
-        log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
-    elif it == total and clf is None:  # finished: the benchmark, on the merged model
-        merge_lora(model)
-        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log)
-    if logf:
-        logf.close()
-    return result
+
+def _step(r):
+    """One optimizer step: accum micro-batches forward + backward, clip, RefLoRA, schedule; -> the lr it used."""
+    cfg, dev, idx = r.cfg, r.dev, _batch_at(r, r.it)
+    for m in range(r.accum):
+        rs = [r.train_set[i] for i in idx[m * r.mb:(m + 1) * r.mb]]
+        seqs = [r.encode(r.tok, e, cfg["cutoff_len"]) for e in rs]
+        T = max(map(len, seqs))
+        r.tokens, r.flops = r.tokens + sum(map(len, seqs)), r.flops + len(seqs) * T * (r.f0 + r.f1 * T)
+        # DDP / FSDP reduce gradients on the last micro-step only: RefLoRA then sees the synchronized ones
+        if cfg["fsdp"]:
+            r.net.set_requires_gradient_sync(m == r.accum - 1)
+        with r.fwd.no_sync() if r.ddp and not cfg["fsdp"] and m < r.accum - 1 else nullcontext(), autocast(dev, cfg):
+            if r.clf is None:
+                x, y = lm_batch(seqs, r.tok.pad_id)
+                loss = r.fwd(x.to(dev), targets=y.to(dev))[1]
+            else:
+                x, mask = cls_batch(seqs, r.tok.pad_id)
+                loss = cls_loss(r.fwd(x.to(dev), mask.to(dev)), torch.tensor([e["label"] for e in rs], device=dev))
+            # HF Trainer: each micro-batch's mean loss / the accumulation steps
+            (loss / r.accum).backward()
+        r.loss_sum += loss.detach().float() / r.accum
+    torch.nn.utils.clip_grad_norm_(r.trainable, cfg["grad_clip"])
+    lr = r.opt.param_groups[0]["lr"]
+    r.opt.step()
+    r.sched.step()
+    r.opt.zero_grad(set_to_none=True)
+    return lr
+
+
+def _log_line(r, lr):
+    """nanoGPT's log line over the interval (a host sync): loss, lr, ms/step, tok/s, MFU, peak memory, ETA."""
+    _stop_if_diverged(r, r.loss_sum)
+    if r.ddp:
+        torch.distributed.all_reduce(r.loss_sum)
+    if r.dev.type == "cuda":
+        torch.cuda.synchronize(r.dev)
+    n, dt = r.it - r.it_log, time.time() - r.t_log
+    mem = torch.cuda.max_memory_allocated(r.dev) if r.dev.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS (KiB on Linux)
+    rec = dict(iter=r.it, loss=r.loss_sum.item() / n / r.world, lr=lr, ms=1000 * dt / n,
+               tok_s=r.tokens * r.world / dt, mfu=r.flops / dt / r.peak if r.peak else None, mem_gb=mem / 1e9,
+               eta_s=dt / n * (r.total - r.it))
+    tps = f"{rec['tok_s'] / 1e3:.1f}k" if rec["tok_s"] >= 1e3 else f"{rec['tok_s']:.0f}"
+    mfu = "-" if r.peak is None else f"{100 * rec['mfu']:.1f}%"
+    r.log(f"iter {r.it}: loss {rec['loss']:.4f}, lr {lr:.1e}, {rec['ms']:.0f} ms, {tps} tok/s, mfu {mfu}, "
+          f"mem {rec['mem_gb']:.1f} GB, eta {hms(rec['eta_s'])}")
+    _log_json(r, rec)
+    r.loss_sum.zero_()
+    r.t_log, r.it_log, r.tokens, r.flops = time.time(), r.it, 0, 0.0
+
+
+def _log_json(r, rec):
+    if r.logf:  # the master's out_dir/log.jsonl
+        r.logf.write(json.dumps(rec) + "\n")
+        r.logf.flush()
+
+
+def _stop_if_diverged(r, loss_sum, what="loss"):
+    # a host sync: at log and checkpoint points only; every rank takes the same decision
+    bad = (~torch.isfinite(loss_sum)).float() + sum((~torch.isfinite(local(p))).any().float() for p in r.trainable)
+    if r.ddp:
+        torch.distributed.all_reduce(bad)
+    if bad.item():
+        good = f"{r.out_dir / 'state.pt'} (iter {r.last_saved})" if r.last_saved is not None else "none"
+        raise TrainingDiverged(f"non-finite {what} at or before iter {r.it}: stopping; last good checkpoint: {good}")
+
+
+def _checkpoint(r):
+    """Validation loss (+ GLUE metrics), then the PEFT adapter (+ head) and state.pt, written by the master."""
+    cfg = r.cfg
+    if r.clf is None:
+        v, metrics = val_loss(r.model, r.tok, cfg, r.val_set), {}
+    else:
+        # FSDP: every rank runs every batch (a forward is a collective), the master writes
+        v, metrics = evaluate_glue(r.clf, r.tok, cfg, r.val_set, r.out_dir if r.rank == 0 else None,
+                                   *((0, 1) if cfg["fsdp"] else (r.rank, r.world)))
+    _stop_if_diverged(r, torch.tensor(v, device=r.dev), "validation loss")
+    r.best_val = min(r.best_val, v)
+    r.log(f"iter {r.it}: val loss {v:.4f}" + "".join(f", {k} {m:.4f}" for k, m in metrics.items()))
+    lora, head, optim, rngs = training_state(r.model, r.clf, r.opt, r.dev, r.ddp, r.world)  # a collective
+    if r.rank == 0:
+        _log_json(r, dict(iter=r.it, val_loss=v, **metrics))
+        save_checkpoint(r.out_dir, r.model, lora, head, dict(
+            iter_num=r.it, epoch=r.it // r.steps_per_epoch, data_position=r.it % r.steps_per_epoch * cfg["batch_size"],
+            config=cfg, best_val=r.best_val, rng=rngs, optimizer=optim, scheduler=r.sched.state_dict()))
+    r.last_saved = r.it
+    if r.ddp:
+        torch.distributed.barrier()
 
 
 def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log):

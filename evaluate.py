@@ -1,0 +1,221 @@
+"""
+Evaluation protocols: commonsense beam-search accuracy, GLUE metrics of the classifier, validation loss.
+
+One top-level file rather than one beside each data/<task>/prepare.py: both protocols share the batching by length,
+the sharding of batches over ranks and the autocast, and the val loss shares the encoding with training; the
+task-specific parts (prompts, answer extraction, metrics) stay in data/<task>/prepare.py and are imported here.
+The examples -> tensors functions live here too (train.py imports them), so that scoring sees exactly the
+tokens training saw.
+
+References: the authors' commonsense evaluate.py (zhangyilang/RefLoRA, from LLM-Adapters): evaluation prompt,
+beam search 4 / 32 new tokens, the response after "### Response:", the first pattern match == answer; GLUE
+(Wang et al., 2019) metrics per task; HF's DataCollatorWithPadding, left padding for the last-token classifier.
+"""
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data.commonsense.prepare import DATASETS, eval_prompt, extract_answer, load_test, split_response, train_prompt
+from data.glue.prepare import glue_metrics
+from model import generate
+
+GLUE_SEP = "\n"  # joins the two sentences of a pair
+
+# -----------------------------------------------------------------------------
+# examples -> tensors (shared with train.py)
+
+
+def encode_lm(tok, record, cutoff_len):
+    # the authors' tokenize(): truncate at cutoff_len; EOS only if not truncated and not already last
+    ids = tok.encode(train_prompt(record), bos=True)[:cutoff_len]
+    if len(ids) < cutoff_len and ids[-1] != tok.eos_id:
+        ids.append(tok.eos_id)
+    return ids
+
+
+def encode_cls(tok, record, cutoff_len):
+    # [BOS] a (SEP b); a pair too long loses tokens from the end of its longer side first (HF's "longest_first"),
+    # so that RTE's hypothesis, after a long premise, survives truncation
+    a = tok.encode(record["text_a"], bos=True)
+    if record["text_b"] is None:
+        return a[:cutoff_len]
+    sep, b = tok.encode(GLUE_SEP), tok.encode(record["text_b"])
+    na, nb = len(a), len(b)
+    while na + nb > cutoff_len - len(sep):
+        na, nb = (na - 1, nb) if na > nb else (na, nb - 1)
+    return a[:na] + sep + b[:nb]
+
+
+def lm_batch(seqs, pad_id):
+    """Right padding; targets[:, t] = token t+1 (train_on_inputs: the whole sequence), -100 on pads."""
+    T = max(map(len, seqs))
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+        y[i, :len(s) - 1] = torch.tensor(s[1:])
+    return x, y
+
+
+def cls_batch(seqs, pad_id):
+    """Left padding, so position -1 is every row's last real token; mask 1 = real token."""
+    T = max(map(len, seqs))
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        x[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = True
+    return x, mask
+
+
+def cls_loss(logits, labels):
+    # one output and MSE for STS-B, cross-entropy otherwise
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0], labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def dtype_of(cfg, dev):
+    if cfg["dtype"] == "auto":
+        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, cfg["dtype"])
+
+
+def autocast(dev, cfg):  # bf16 autocast on CUDA; float32 (no autocast) on CPU
+    bf16 = dev.type == "cuda" and dtype_of(cfg, dev) == torch.bfloat16
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def hms(s):
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _write_json(path, obj):
+    Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
+    os.replace(f"{path}.tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# batches by length, sharded over ranks
+
+
+def _by_length(seqs, size):
+    """Batches of indices into seqs, sorted by length (little padding); results go back by index."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _sharded(fn, batches, rank, world):
+    """fn(batches[rank::world]) -> one result per batch, gathered in batch order on every rank."""
+    mine = fn(batches[rank::world])
+    if world == 1:
+        return mine
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return [parts[i % world][i // world] for i in range(len(batches))]
+
+
+# -----------------------------------------------------------------------------
+# the protocols
+
+
+@torch.no_grad()
+def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print):
+    """The benchmark's protocol on each commonsense test set (model already merged): beam search from the
+    evaluation prompt, the response after "### Response:", the dataset's first pattern match == answer.
+    Batched: left padding + mask + KV cache (model.generate). Writes out_dir/eval_<set>.json; -> {set: accuracy}."""
+    names = list(cfg["eval_sets"]) or [n for n in DATASETS if (Path(data_dir) / "dataset" / n / "test.json").is_file()]
+    if not names:
+        raise FileNotFoundError(f"{data_dir}: no dataset/<name>/test.json to evaluate on")
+    if len(names) < len(DATASETS) and not cfg["eval_sets"]:
+        log(f"eval: no test set for {', '.join(n for n in DATASETS if n not in names)} in {data_dir}")
+    amp, results, rows = autocast(next(model.parameters()).device, cfg), {}, []
+    for name in names:
+        records = load_test(data_dir, name)[:cfg["eval_limit"] or None]
+        prompts = [tok.encode(eval_prompt(r["instruction"]), bos=True) for r in records]
+        room = model.args.max_seq_len - cfg["max_new_tokens"]  # only the tiny preset's 256 is ever too short
+        if any(len(p) > room for p in prompts):
+            log(f"eval {name}: {sum(len(p) > room for p in prompts)} prompts cut to their last {room} tokens")
+            prompts = [p[-room:] for p in prompts]
+        batches, t0 = _by_length(prompts, cfg["eval_batch_size"]), time.time()
+
+        def run(mine):
+            out = []
+            for k, b in enumerate(mine):
+                with amp:
+                    new = generate(model, [prompts[i] for i in b], cfg["max_new_tokens"], tok.eos_id, tok.pad_id,
+                                   num_beams=cfg["num_beams"])
+                out.append([tok.decode(ids) for ids in new])
+                if rank == 0 and sys.stdout.isatty():  # progress bar with ETA, on a terminal only
+                    eta = (time.time() - t0) / (k + 1) * (len(mine) - k - 1)
+                    print(f"\reval {name}: {k + 1}/{len(mine)} batches, eta {hms(eta)}  ", end="", flush=True)
+            return out
+
+        texts = [""] * len(records)
+        for b, outs in zip(batches, _sharded(run, batches, rank, world)):
+            for i, text in zip(b, outs):
+                texts[i] = text
+        if rank == 0 and sys.stdout.isatty():
+            print()
+        # split_response of the generation alone = of prompt + generation (the prompt ends with the split string)
+        preds = [extract_answer(name, split_response(t)) for t in texts]
+        labels = [r["answer"] for r in records]
+        results[name] = sum(p == y for p, y in zip(preds, labels)) / max(len(records), 1)
+        rows.append(f"{name:<14} {len(records):>6} {100 * results[name]:>6.1f}")
+        if rank == 0:
+            _write_json(Path(out_dir) / f"eval_{name}.json", dict(dataset=name, accuracy=results[name],
+                        n=len(records), predictions=preds, labels=labels, outputs=texts))
+    avg = 100 * sum(results.values()) / len(results)
+    log("\n".join([f"{'dataset':<14} {'n':>6} {'acc':>6}", *rows, f"{'average':<14} {'':>6} {avg:>6.1f}"]))
+    return results
+
+
+@torch.no_grad()
+def evaluate_glue(clf, tok, cfg, records, out_dir=None, rank=0, world=1):
+    """-> (dev loss, GLUE metrics) of the classifier; writes out_dir/eval_<task>.json when out_dir is given."""
+    clf.eval()
+    seqs, dev = [encode_cls(tok, r, cfg["cutoff_len"]) for r in records], next(clf.parameters()).device
+    batches = _by_length(seqs, cfg["eval_batch_size"])
+
+    def run(mine):
+        out = []
+        for b in mine:
+            x, mask = cls_batch([seqs[i] for i in b], tok.pad_id)
+            with autocast(dev, cfg):
+                out.append(clf(x.to(dev), mask.to(dev)).cpu())
+        return out
+
+    logits = torch.empty(len(seqs), clf.head.out_features)  # (N, n_out)
+    for b, out in zip(batches, _sharded(run, batches, rank, world)):
+        logits[b] = out
+    labels = [r["label"] for r in records]
+    preds = logits[:, 0].tolist() if clf.head.out_features == 1 else logits.argmax(-1).tolist()
+    metrics = glue_metrics(cfg["glue_task"], preds, labels)
+    if out_dir is not None and rank == 0:
+        _write_json(Path(out_dir) / f"eval_{cfg['glue_task']}.json",
+                    dict(task=cfg["glue_task"], n=len(labels), metrics=metrics, predictions=preds, labels=labels))
+    clf.train()
+    return cls_loss(logits, torch.tensor(labels)).item(), metrics
+
+
+@torch.no_grad()
+def val_loss(model, tok, cfg, records):
+    """Token-weighted mean loss over the held-out commonsense examples."""
+    model.eval()
+    seqs, dev = [encode_lm(tok, r, cfg["cutoff_len"]) for r in records], next(model.parameters()).device
+    total, count = torch.zeros((), device=dev), 0
+    for b in _by_length(seqs, cfg["micro_batch_size"]):
+        x, y = lm_batch([seqs[i] for i in b], tok.pad_id)
+        n = int((y != -100).sum())
+        with autocast(dev, cfg):
+            total += model(x.to(dev), targets=y.to(dev))[1].float() * n
+        count += n
+    model.train()
+    return (total / max(count, 1)).item()
