@@ -326,7 +326,8 @@ def toy_png(setting, curves, path):
         i = etas.index(float(eta)) if float(eta) in etas else 0
         cs = [x if x == x and abs(x) != float("inf") else float("nan") for x in c]
         label = {"lora": "LoRA", "scaledgd": "ScaledGD", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S"}[method]
-        plt.semilogy(cs, color=TOY_STYLE[method][min(i, 1)], ls="-" if i == 0 else "-.", lw=2.5,
+        plt.semilogy(cs, color=TOY_STYLE[method][min(i, 1)], ls="-" if i == 0 else "-.",
+                     lw=1.2 if method == "reflora-s" else 2.5,  # thin: it lies on RefLoRA's curve
                      label=f"{label} (η={eta})")
     plt.xlim(0, setting["iters"])
     plt.ylim(1e-3 if not setting["relative"] else 1e-12, 1e6 if not setting["relative"] else 10)
