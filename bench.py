@@ -6,7 +6,7 @@ reported apart, device and versions printed).
                     [--json=PATH]        # one training step: lora vs reflora vs reflora-s, interleaved
     python bench.py --generate --model=tiny                 # batched beam search vs one example at a time
     python bench.py --refactor [--pairs=160] [--rank=32]   # one refactor step, LLaMA-7B shapes
-    python bench.py --toy [--png=toy.png]                  # the paper's matrix-factorization toy
+    python bench.py --toy [--toy_setting=paper|normalized] [--png=toy.png] [--json=toy.json]   # the toy
 
 References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem and the overhead chart of the
 authors' repository; gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
