@@ -6,7 +6,7 @@ reported apart, device and versions printed).
                     [--json=PATH]        # one training step: lora vs reflora vs reflora-s, interleaved
     python bench.py --generate --model=tiny                 # batched beam search vs one example at a time
     python bench.py --refactor [--pairs=160] [--rank=32]   # one refactor step, LLaMA-7B shapes
-    python bench.py --toy [--png=toy.png]                  # the paper's matrix-factorization toy
+    python bench.py --toy [--toy_setting=paper|normalized] [--png=toy.png] [--json=toy.json]   # the toy
 
 References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem and the overhead chart of the
 authors' repository; gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
@@ -222,78 +222,144 @@ def bench_generate(args):
 
 
 # -----------------------------------------------------------------------------
-# the paper's toy: min_{A,B} ½‖Y - ABᵀ‖²_F with a low-rank, ill-conditioned Y
+# the paper's toy: min_{A,B} ½‖Y - ABᵀ‖²_F, gradient descent, LoRA vs ScaledGD vs RefLoRA(-S)
+
+TOY_METHODS = ("lora", "scaledgd", "reflora", "reflora-s")
+TOY_SETTINGS = {
+    # the paper's figure (authors' MF-loss.png); its exact setting is not published, these are our assumptions:
+    # Y = σ X₁X₂ᵀ/√(mn), X entries N(0, 1), so σ_i(Y) ≈ σ = 25 (22.9-28.3 for seed 0) and ½‖Y‖² ≈ rσ²/2;
+    # an unbalanced LoRA-like init, A₀ ~ N(0, 0.05²) small, B₀ ~ N(0, 0.5²) with σ_max(B₀)² ≈ 150, between
+    # 2/0.03 and 2/0.01 (GD on A is stable at η = 0.01 and not at 0.03); initial loss 2.1e3; raw loss
+    "paper": dict(m=500, n=500, r=5, sigma=25.0, cond=1.0, a0=0.05, b0=0.5, etas=(0.01, 0.03), iters=100,
+                  relative=False),
+    # the earlier setting: σ_max(Y) = 1, σ_min = 1/20 (log-spaced), A₀, B₀ ~ N(0, 0.1²); loss / ½‖Y‖²
+    "normalized": dict(m=60, n=40, r=4, sigma=1.0, cond=20.0, a0=0.1, b0=0.1, etas=(0.25,), iters=2000,
+                       relative=True),
+}
 
 
-def toy(m=60, n=40, r=4, cond=20.0, iters=2000, lr=0.25, tol=1e-6, seed=0, dtype=torch.float64):
-    """Loss curves of LoRA (GD), ScaledGD and RefLoRA (GD + Thm 3 refactoring) from one init and step size.
+def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dtype=torch.float64):
+    """Loss curves {"<method>@<eta>": [loss at iteration 0, 1, ..., iters]} of gradient descent on ½‖Y - ABᵀ‖²_F.
 
-    Returns {method: [loss per iteration]}; loss is relative, ½‖Y - ABᵀ‖² / ½‖Y‖². lr is in units of 1/σ_max(Y).
+    lora: plain GD. scaledgd (Tong, Ma, Chi 2021): A ← A - η ∇A (BᵀB)⁻¹, B ← B - η ∇B (AᵀA)⁻¹. reflora,
+    reflora-s: reflora.RefLoRA with base="sgd" (Thm 3 preconditioning; Thm 4 rescaling, balanced before step 0).
+    All start from the same (A₀, B₀). A curve stops early once its loss is non-finite, above 1e30, or, in the
+    normalized setting, below 1e-12. Settings (TOY_SETTINGS): "paper" mimics the authors' figure (assumed
+    setting, see there); "normalized" (σ_max(Y) = 1, relative loss) is the regime where ScaledGD beats RefLoRA.
     """
+    cfg = TOY_SETTINGS[setting]
+    m, n, r = cfg["m"], cfg["n"], cfg["r"]
+    etas, iters = etas or cfg["etas"], iters or cfg["iters"]
     g = torch.Generator().manual_seed(seed)
-    U, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=dtype))
-    V, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=dtype))
-    sig = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), r, dtype=dtype)  # σ_max = 1, σ_min = 1/cond
-    Y = (U * sig) @ V.mT
-    A0 = 0.1 * torch.randn(m, r, generator=g, dtype=dtype)
-    B0 = 0.1 * torch.randn(n, r, generator=g, dtype=dtype)
-    norm = 0.5 * Y.square().sum()
+    if cfg["cond"] == 1.0:  # Gaussian low rank: Y = σ X₁X₂ᵀ / √(mn)
+        Y = cfg["sigma"] * torch.randn(m, r, generator=g, dtype=dtype) @ torch.randn(n, r, generator=g, dtype=dtype).mT
+        Y = Y / (m * n) ** 0.5
+    else:  # Y = U diag(σ) Vᵀ, σ log-spaced from sigma down to sigma/cond
+        U, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=dtype))
+        V, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=dtype))
+        Y = (U * torch.logspace(0, -torch.log10(torch.tensor(cfg["cond"])).item(), r, dtype=dtype)) @ V.mT
+        Y = cfg["sigma"] * Y
+    A0 = cfg["a0"] * torch.randn(m, r, generator=g, dtype=dtype)
+    B0 = cfg["b0"] * torch.randn(n, r, generator=g, dtype=dtype)
+    norm = 0.5 * Y.square().sum() if cfg["relative"] else 1.0
 
-    def run(step_fn):
-        A, B, losses = A0.clone(), B0.clone(), []
-        for _ in range(iters):
-            R = A @ B.mT - Y  # ∂L/∂W
-            losses.append((0.5 * R.square().sum() / norm).item())
-            if losses[-1] < tol:
-                break
-            A, B = step_fn(A, B, R @ B, R.mT @ A)  # ∇A = G B, ∇B = Gᵀ A
+    def run(method, eta):
+        A, B = torch.nn.Parameter(A0.clone()), torch.nn.Parameter(B0.clone())
+        opt = reflora.RefLoRA([(A, B)], method=method, base="sgd", lr=eta) if method.startswith("reflora") else None
+        losses = []
+        for t in range(iters + 1):
+            with torch.no_grad():
+                R = A @ B.mT - Y  # G = ∂L/∂W
+                losses.append((0.5 * R.square().sum() / norm).item())
+                if t == iters or not losses[-1] < 1e30 or (cfg["relative"] and losses[-1] < 1e-12):
+                    break
+                gA, gB = R @ B, R.mT @ A  # ∇A = G B, ∇B = Gᵀ A
+                if opt is not None:  # RefLoRA(-S) under gradient descent: the optimizer itself
+                    A.grad, B.grad = gA, gB
+                    opt.step()
+                elif method == "scaledgd":  # Tong, Ma, Chi 2021: both from the old (A, B)
+                    dA, dB = gA @ torch.linalg.inv(B.mT @ B), gB @ torch.linalg.inv(A.mT @ A)
+                    A -= eta * dA
+                    B -= eta * dB
+                else:
+                    A -= eta * gA
+                    B -= eta * gB
         return losses
 
-    def gd(A, B, gA, gB):
-        return A - lr * gA, B - lr * gB
-
-    def scaled_gd(A, B, gA, gB):  # Tong, Ma, Chi 2021: ∇A (BᵀB)⁻¹, ∇B (AᵀA)⁻¹
-        return A - lr * gA @ torch.linalg.inv(B.mT @ B), B - lr * gB @ torch.linalg.inv(A.mT @ A)
-
-    def refactored_gd(A, B, gA, gB):  # RefLoRA through the optimizer itself, base = gradient descent
-        A, B = torch.nn.Parameter(A), torch.nn.Parameter(B)
-        A.grad, B.grad = gA, gB
-        reflora.RefLoRA([(A, B)], method="reflora", base="sgd", lr=lr).step()
-        return A.detach(), B.detach()
-
-    return {"LoRA": run(gd), "ScaledGD": run(scaled_gd), "RefLoRA": run(refactored_gd)}
+    curves = {f"{m_}@{eta:g}": run(m_, eta) for m_ in methods for eta in etas}
+    setting_out = dict(cfg, name=setting, seed=seed, etas=list(etas), iters=iters, dtype=str(dtype),
+                       initial_loss=curves[next(iter(curves))][0])
+    return setting_out, curves
 
 
 def iters_to(losses, tol):
+    """First iteration whose loss is below tol, or None."""
     return next((i for i, l in enumerate(losses) if l < tol), None)
 
 
+# the paper figure's curves, read off MF-loss.png (../shared/paper/README.md): iterations to 1e-3, final loss
+PAPER_TOY = {"lora@0.01": (None, "~3e2"), "lora@0.03": (None, "diverges"), "scaledgd@0.01": (None, "~1e2"),
+             "scaledgd@0.03": (None, "~2"), "reflora@0.01": (38, "<1e-3"), "reflora@0.03": (11, "<1e-3")}
+# paper layout: one colour per curve as in MF-loss.png (MATLAB's), solid for the smaller η, dash-dot for the larger
+TOY_STYLE = {"lora": ("black", "tab:blue"), "scaledgd": ("tab:purple", "tab:green"),
+             "reflora": ("tab:orange", "tab:red"), "reflora-s": ("tab:cyan", "tab:brown")}
+
+
+def toy_json(setting, curves):
+    """JSON-safe: non-finite losses as null."""
+    fin = lambda x: x if x == x and abs(x) != float("inf") else None  # noqa: E731
+    return {"setting": setting, "curves": {k: [fin(x) for x in c] for k, c in curves.items()}}
+
+
+def toy_png(setting, curves, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no PNG written")
+        return False
+    etas = setting["etas"]
+    plt.figure(figsize=(6.4, 4.8))
+    for k, c in curves.items():
+        method, eta = k.split("@")
+        i = etas.index(float(eta)) if float(eta) in etas else 0
+        cs = [x if x == x and abs(x) != float("inf") else float("nan") for x in c]
+        label = {"lora": "LoRA", "scaledgd": "ScaledGD", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S"}[method]
+        plt.semilogy(cs, color=TOY_STYLE[method][min(i, 1)], ls="-" if i == 0 else "-.",
+                     lw=1.2 if method == "reflora-s" else 2.5,  # thin: it lies on RefLoRA's curve
+                     label=f"{label} (η={eta})")
+    plt.xlim(0, setting["iters"])
+    plt.ylim(1e-3 if not setting["relative"] else 1e-12, 1e6 if not setting["relative"] else 10)
+    plt.xlabel("iteration t")
+    plt.ylabel("relative loss" if setting["relative"] else "loss ℓ")
+    plt.title(f"½‖Y − ABᵀ‖², setting {setting['name']!r} (reflora bench.py --toy)", fontsize=9)
+    plt.legend(loc="lower left" if setting["relative"] else "lower right", fontsize=8)
+    plt.tight_layout()
+    tmp = path + ".tmp.png"
+    plt.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return True
+
+
 def bench_toy(args):
-    curves = toy()
-    print(f"{'method':10s} {'loss@10':>10s} {'loss@100':>10s} {'loss@1000':>10s} {'iters to 1e-3':>14s} "
-          f"{'iters to 1e-6':>14s}")
-    for name, c in curves.items():
-        at = lambda i: f"{c[min(i, len(c) - 1)]:10.2e}"
-        it3, it6 = iters_to(c, 1e-3), iters_to(c, 1e-6)
-        print(f"{name:10s} {at(10)} {at(100)} {at(1000)} {str(it3):>14s} {str(it6):>14s}")
+    setting, curves = toy(args.toy_setting)
+    print(f"setting {args.toy_setting}: " + ", ".join(f"{k}={v}" for k, v in setting.items() if k != "name"))
+    tol = 1e-3
+    print(f"{'curve':16s} {'loss@0':>9s} {'loss@10':>9s} {'final':>9s} {'iters to 1e-3':>14s} {'tail rate':>10s}"
+          + ("   paper: iters to 1e-3, final" if args.toy_setting == "paper" else ""))
+    for k, c in curves.items():
+        at = lambda i: f"{c[min(i, len(c) - 1)]:9.2e}"  # noqa: E731
+        # per-iteration loss ratio over the last 10 iterations above 1e-9 (the asymptotic rate), if finite
+        tail = [x for x in c if 1e-9 < x < 1e30][-11:]
+        rate = f"{(tail[-1] / tail[0]) ** (1 / 10):10.3f}" if len(tail) == 11 else f"{'-':>10s}"
+        paper = PAPER_TOY.get(k, ("", "(not in the figure)")) if args.toy_setting == "paper" else None
+        print(f"{k:16s} {at(0)} {at(10)} {at(len(c) - 1)} {str(iters_to(c, tol)):>14s} {rate}"
+              + (f"   {str(paper[0]):>5s}, {paper[1]}" if paper else ""))
     if args.png:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("matplotlib not installed: no PNG written")
-            return curves
-        plt.figure(figsize=(5, 3.5))
-        for name, c in curves.items():
-            plt.semilogy(c, label=name)
-        plt.xlabel("iteration")
-        plt.ylabel("relative loss")
-        plt.legend()
-        plt.tight_layout()
-        plt.savefig(args.png, dpi=120)
-        print(f"wrote {args.png}")
-    return curves
+        toy_png(setting, curves, args.png)
+    return toy_json(setting, curves)
 
 # -----------------------------------------------------------------------------
 
@@ -302,6 +368,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--refactor", action="store_true", help="micro-benchmark of one refactor step")
     p.add_argument("--toy", action="store_true", help="the paper's matrix-factorization toy")
+    p.add_argument("--toy_setting", default="paper", choices=list(TOY_SETTINGS), help="paper or normalized")
     p.add_argument("--generate", action="store_true", help="batched vs one-by-one beam search")
     p.add_argument("--model", default="smollm2-135m", choices=list(M.PRESETS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import bench
 import reflora
 from reflora import RefLoRA, optimal_S, optimal_s
 
@@ -380,7 +379,7 @@ def test_zero_factor_is_left_alone_and_then_refactored():
     assert abs(A.norm() - B.norm()) < 1e-12 and A.norm() > 0
 
 # -----------------------------------------------------------------------------
-# compiled == eager, and the toy problem
+# compiled == eager (the toy problem: tests/test_toy.py)
 
 
 def test_compiled_equals_eager():
@@ -394,9 +393,3 @@ def test_compiled_equals_eager():
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
-
-def test_toy_reflora_beats_lora():
-    curves = bench.toy(iters=800)
-    it = {k: bench.iters_to(c, 1e-4) for k, c in curves.items()}
-    assert it["RefLoRA"] is not None and it["ScaledGD"] is not None
-    assert it["LoRA"] is None or it["RefLoRA"] < it["LoRA"] / 2
