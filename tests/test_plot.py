@@ -98,7 +98,8 @@ def test_moving_average_and_window_mean():
 # converge.py's numbers from finished runs (no training: every run is skipped)
 
 
-def test_converge_table_and_json_by_hand(runs, capsys):
+def test_converge_table_and_json_by_hand(runs, capsys, monkeypatch):
+    monkeypatch.setattr(converge.subprocess, "run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     converge.main([f"--out={runs}", "--methods=lora,reflora", f"--max_iters={N}"])
     printed = capsys.readouterr().out
     assert printed.count("skipped") == 6 and "0 runs" in printed
@@ -182,7 +183,8 @@ def test_converge_tiny_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(converge.subprocess, "run", run_in_process)
     # --jobs=1: train.main in threads would share torch's global RNG (subprocesses, as converge.py runs them, do not)
     argv = [f"--out={tmp_path}", "--methods=lora,reflora", "--seeds=0,1", "--jobs=1", "--max_iters=3",
-            "--init_from=tiny", "--lora_r=2", "--eval_limit=8", "--warmup_steps=1", "--reflora_warmup=1"]
+            "--init_from=tiny", "--lora_r=2", "--eval_limit=8", "--group_by_length=False", "--warmup_steps=1",
+            "--reflora_warmup=1"]
     monkeypatch.setattr(converge.os, "cpu_count", lambda: 2)
     converge.main(argv)
     assert len(calls) == 4 and all("--log_interval=1" in c and "--lr=0.002" in c for c in calls)
