@@ -1,0 +1,235 @@
+"""
+Loss curves from train.py's out_dir/log.jsonl: one run's loss.png, or several runs overlaid, grouped by method, in
+the style of the paper's training-loss figure (RefLoRA, Zhang, Li, Giannakis, NeurIPS 2025, arXiv 2505.18877:
+training loss on GLUE, LoRA vs RefLoRA vs RefLoRA-S).
+
+    python plot.py out-lora out-reflora out-reflora-s [--out=loss.png] [--smooth=N] [--spread=minmax|std]
+
+Runs of one method (several seeds) are drawn as the mean over seeds with the min-max (or ±1 std) band shaded.
+The x axis is optimizer steps: log.jsonl does not record the training-set size, so epochs are not derivable.
+The reading and statistics below need numpy only; matplotlib is imported when a picture is drawn, and when it is
+missing loss_png returns None and the CLI exits 2 with one line.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+METHODS = {"lora": ("LoRA", "C0"), "reflora": ("RefLoRA", "C3"), "reflora-s": ("RefLoRA-S", "C4")}  # paper's colors
+
+
+class RunError(ValueError):
+    """A run directory that cannot be read: the message names the path."""
+
+
+# -----------------------------------------------------------------------------
+# reading runs (no matplotlib)
+
+
+def read_log(path):
+    """log.jsonl -> (train {iter: loss}, val {iter: record without iter}). train.py appends, so a resumed or
+    re-run job repeats iters: the later record of an iter wins."""
+    train, val = {}, {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            it = int(rec["iter"])
+        except (ValueError, KeyError, TypeError):
+            raise RunError(f"{path}:{n}: not a train.py log record") from None
+        if "loss" in rec:
+            train[it] = float(rec["loss"])
+        if "val_loss" in rec:
+            val[it] = {k: v for k, v in rec.items() if k != "iter"}
+    return train, val
+
+
+def read_config(out_dir):
+    """The run's resolved config: out_dir/config.json if there is one, else the one saved in state.pt; {} if none."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file():
+        return json.loads((out_dir / "config.json").read_text())
+    if (out_dir / "state.pt").is_file():
+        import torch
+        return dict(torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)["config"])
+    return {}
+
+
+def load_run(out_dir):
+    """-> dict(path, method, seed, steps, loss, val): the training loss at each logged step (sorted), the
+    validation records; RunError naming the path if it is not a run with training records."""
+    out_dir = Path(out_dir)
+    log = out_dir / "log.jsonl"
+    if not out_dir.is_dir():
+        raise RunError(f"{out_dir}: no such run directory")
+    if not log.is_file():
+        raise RunError(f"{log}: no such file (not a train.py out_dir?)")
+    train, val = read_log(log)
+    if not train:
+        raise RunError(f"{log}: no training-loss records")
+    cfg = read_config(out_dir)
+    steps = sorted(train)
+    return dict(path=str(out_dir), method=cfg.get("method", out_dir.name), seed=cfg.get("seed"), config=cfg,
+                steps=np.array(steps), loss=np.array([train[s] for s in steps]), val=val)
+
+
+def group(runs):
+    """{method: [runs]}: known methods in the paper's order (lora, reflora, reflora-s), then others as given."""
+    out = {}
+    for r in sorted(runs, key=lambda r: list(METHODS).index(r["method"]) if r["method"] in METHODS else len(METHODS)):
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def aggregate(runs):
+    """Curves of several seeds on the steps all of them logged -> dict(steps, mean, std, min, max, n).
+    std is the sample standard deviation over seeds (ddof=1; 0 for a single run)."""
+    steps = sorted(set.intersection(*(set(r["steps"].tolist()) for r in runs)))
+    if not steps:
+        raise RunError(f"{', '.join(r['path'] for r in runs)}: no logged step in common")
+    Y = np.stack([r["loss"][np.searchsorted(r["steps"], steps)] for r in runs])  # (seeds, steps)
+    return dict(steps=np.array(steps), mean=Y.mean(0), std=Y.std(0, ddof=1) if len(Y) > 1 else np.zeros(len(steps)),
+                min=Y.min(0), max=Y.max(0), n=len(Y))
+
+
+def moving_average(y, n):
+    """Centered mean over a window of n points (shorter at the edges); n <= 1 returns y."""
+    y = np.asarray(y, dtype=float)
+    if n <= 1 or len(y) == 0:
+        return y
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(len(y))
+    lo, hi = np.maximum(i - (n - 1) // 2, 0), np.minimum(i + n // 2 + 1, len(y))
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def window_mean(steps, y, at, half=5):
+    """Mean of y over the logged steps within [at - half, at + half] (NaN if none)."""
+    steps, y = np.asarray(steps), np.asarray(y, dtype=float)
+    sel = (steps >= at - half) & (steps <= at + half)
+    return float(y[sel].mean()) if sel.any() else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# pictures (matplotlib, optional)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _axes(plt):
+    style = "seaborn-v0_8-darkgrid"  # the paper's figure: grey background, white grid
+    with plt.style.context(style if style in plt.style.available else "default"):
+        fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=150)
+    ax.set_facecolor("#eaeaf2")
+    ax.grid(True, color="white")
+    ax.set_axisbelow(True)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    return fig, ax
+
+
+def _save(fig, plt, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def loss_png(out_dir, path=None):
+    """out_dir/loss.png: training loss at every logged step (with a moving average when logged every step) and
+    validation loss, against step. -> the path, or None when matplotlib is not installed."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    run = load_run(out_dir)
+    fig, ax = _axes(plt)
+    s, y = run["steps"], run["loss"]
+    every_step = len(s) > 1 and bool((np.diff(s) == 1).all())
+    ax.plot(s, y, color="C0", lw=1, alpha=0.35 if every_step and len(s) >= 20 else 1, label="train loss")
+    if every_step and len(s) >= 20:
+        n = max(5, len(s) // 20)
+        ax.plot(s, moving_average(y, n), color="C0", lw=1.8, label=f"train loss, mean of {n} steps")
+    if run["val"]:
+        v = sorted(run["val"])
+        ax.plot(v, [run["val"][i]["val_loss"] for i in v], "o-", color="C3", ms=4, label="validation loss")
+    ax.set(xlabel="Step", ylabel="Loss", title=f"{run['method']} ({Path(out_dir).name})")
+    ax.legend(frameon=False)
+    return _save(fig, plt, path or Path(out_dir) / "loss.png")
+
+
+def overlay_png(runs, path, smooth=1, spread="minmax"):
+    """Several runs on one axes, grouped by method: mean over seeds, min-max or ±std band; -> the path or None."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = _axes(plt)
+    for k, (method, rs) in enumerate(group(runs).items()):
+        a = aggregate(rs)
+        label, color = METHODS.get(method, (method, f"C{5 + k}"))
+        lo, hi = (a["min"], a["max"]) if spread == "minmax" else (a["mean"] - a["std"], a["mean"] + a["std"])
+        ax.plot(a["steps"], moving_average(a["mean"], smooth), color=color, lw=1.8,
+                label=label + (f" ({a['n']} seeds)" if a["n"] > 1 else ""))
+        if a["n"] > 1:
+            ax.fill_between(a["steps"], moving_average(lo, smooth), moving_average(hi, smooth), color=color,
+                            alpha=0.2, lw=0)
+    ax.set(xlabel="Step", ylabel="Loss")
+    ax.set_xlim(left=0)
+    ax.legend(frameon=False)
+    return _save(fig, plt, path)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    opts, dirs = dict(out="loss.png", smooth="1", spread="minmax"), []
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(__doc__)
+            return 0
+        if a.startswith("--"):
+            k, eq, v = a[2:].partition("=")
+            if k not in opts or not eq:
+                return _fail(f"{a}: expected one of --out=PATH.png, --smooth=N, --spread=minmax|std")
+            opts[k] = v
+        else:
+            dirs.append(a)
+    if not dirs:
+        return _fail("no run directories given (usage: python plot.py OUT_DIR [OUT_DIR ...] [--out=loss.png])")
+    if not opts["smooth"].isdigit() or int(opts["smooth"]) < 1:
+        return _fail(f"--smooth={opts['smooth']}: expected a whole number >= 1")
+    if opts["spread"] not in ("minmax", "std"):
+        return _fail(f"--spread={opts['spread']}: expected minmax or std")
+    try:
+        runs = [load_run(d) for d in dirs]
+    except RunError as e:
+        return _fail(str(e))
+    if _pyplot() is None:
+        return _fail("matplotlib is not installed: pip install matplotlib to draw pictures")
+    print(overlay_png(runs, opts["out"], int(opts["smooth"]), opts["spread"]))
+    return 0
+
+
+def _fail(msg):
+    print(f"plot.py: error: {msg}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
