@@ -25,68 +25,78 @@ from torch.optim.adamw import adamw
 # Pure tensor functions (batched over leading dims; compiled once by the optimizer)
 
 
-def _compute_dtype(t):
-    # eigendecompositions in float32, float64 when the factors are float64
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+# Why float64 (measured, float32 factors against a float64 closed form via Householder QR, see the tests): with
+# float32 Grams AᵀA already carries eps·cond(A)² error (5e-2 at r=4, cond(A)=2000); float64 Grams of float32/bf16
+# factors are nearly exact (products of 24-bit numbers are exact in float64) and cost about as much as the
+# gradient products on a CPU. The r×r work then uses factors of the Grams, AᵀA = RaᵀRa, BᵀB = RbᵀRb, and one SVD
+# Rb Raᵀ = U Σ Wᵀ, whose conditioning is cond(A)·cond(B), where the eigendecomposition of Lᵀ BᵀB L sees the
+# square (that one reaches 2e-6 at cond(A) = cond(B) = 1e3, r=4; this one 5e-11).
+DT = torch.float64
+
+
+def _scale(a2, b2, dtype, floor_a=0.0, floor_b=0.0):
+    """Thm 4: s = ‖B‖_F / ‖A‖_F from a2 = ‖A‖², b2 = ‖B‖² (float64), and which pairs are usable.
+
+    The one guard for every use of s: a pair with a zero, non-finite or denormal-sized factor (‖A‖² ≤ floor_a) is
+    not usable (s = 1, left alone); s is clamped to [1/c, c], c = √(max of the factors' dtype), so s, √s and the
+    factors and moments it multiplies stay finite (a clamped pair is balanced over a few refactorings instead).
+    """
+    usable = (a2 > floor_a) & (b2 > floor_b) & torch.isfinite(a2) & torch.isfinite(b2)
+    c = torch.finfo(dtype).max ** 0.5
+    s = (torch.where(usable, b2, 1.0) / torch.where(usable, a2, 1.0)).sqrt().clamp(1 / c, c)
+    return torch.where(usable, s, 1.0), usable
 
 
 def optimal_s(A, B):
     """Thm 4: s = ‖B‖_F / ‖A‖_F, batched over leading dims; 1 where a factor is zero or non-finite."""
-    dt = _compute_dtype(A)
-    a = torch.linalg.vector_norm(A.to(dt), dim=(-2, -1))
-    b = torch.linalg.vector_norm(B.to(dt), dim=(-2, -1))
-    s = b / a
-    ok = (a > 0) & (b > 0) & torch.isfinite(s)
-    return torch.where(ok, s, torch.ones_like(s))
+    norm2 = lambda X: torch.linalg.vector_norm(X.to(DT), dim=(-2, -1)).square()
+    return _scale(norm2(A), norm2(B), A.dtype)[0]
 
 
-def _refactor(Ga, Gb, numel_a=1, numel_b=1):
-    """S̃ and S̃⁻¹ (..., r, r) from the Gram matrices Ga = AᵀA, Gb = BᵀB (..., r, r).
+def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0):
+    """S̃ and S̃⁻¹ (..., r, r) from the float64 Grams Ga = AᵀA, Gb = BᵀB (..., r, r); dtype: the factors' dtype.
 
     S̃(cA, dB) = (d/c) S̃(A, B), so S̃ = s·S̃(A/‖A‖, B/‖B‖) with s = ‖B‖/‖A‖ (Thm 4's scalar) and ‖A‖² = tr(AᵀA):
-    the eigendecompositions see unit-trace Grams whatever the scale of the factors. numel_a, numel_b: the sizes
-    m·r, n·r, to tell a Gram built of denormal products (entries below ~1e-21 in float32) from a usable one.
+    the r×r work sees unit-trace Grams whatever the scale of the factors. floor_a, floor_b: below these ‖A‖², ‖B‖²
+    the Grams are sums of denormal products (float64 factors only; e.g. tiny·numel/1024).
+    Returns S̃, S̃⁻¹ and (k,) masks exact (S̃ of Thm 3) and usable (else S = I: zero or non-finite factor); pairs
+    usable but not exact (numerically rank-deficient Grams) get Thm 4's s·I. And s.
     """
     r = Ga.shape[-1]
     eye = torch.eye(r, dtype=Ga.dtype, device=Ga.device)
-    a2 = Ga.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]  # ‖A‖²_F, (..., 1, 1)
-    b2 = Gb.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
-    # a zero or non-finite factor (the default init has A = 0): leave the pair as it is, S = I
-    # (and factors so small that AᵀA is a sum of denormal products, mean square below tiny/1024: also S = I)
-    floor = torch.finfo(Ga.dtype).tiny / 1024
-    usable = (a2 > floor * numel_a) & (b2 > floor * numel_b) & torch.isfinite(a2 * b2)
-    Ga = torch.where(usable, Ga / torch.where(usable, a2, 1.0), eye)  # unit trace
-    Gb = torch.where(usable, Gb / torch.where(usable, b2, 1.0), eye)
-    # AᵀA = V Λ Vᵀ, and L = V Λ^{1/2} so that AᵀA = L Lᵀ
-    lam, V = torch.linalg.eigh(Ga)
-    lam = lam.clamp_min(0)
-    L = V * lam.sqrt().unsqueeze(-2)
-    # Lᵀ BᵀB L = W M Wᵀ: similar to (AᵀA)^{1/2} BᵀB (AᵀA)^{1/2} (same eigenvalues M, eigenvectors V W)
-    mu, Wm = torch.linalg.eigh(L.mT @ Gb @ L)
-    mu = mu.clamp_min(0)
-    # Thm 3: S̃ = (AᵀA)^{-1/2} [(AᵀA)^{1/2} BᵀB (AᵀA)^{1/2}]^{1/2} (AᵀA)^{-1/2} = K M^{1/2} Kᵀ, K = V Λ^{-1/2} W
-    K = (V * lam.rsqrt().unsqueeze(-2)) @ Wm
-    S = (K * mu.sqrt().unsqueeze(-2)) @ K.mT
-    # S̃⁻¹ = (AᵀA)^{1/2} [..]^{-1/2} (AᵀA)^{1/2} = K⁻ᵀ M^{-1/2} K⁻¹, with K⁻ᵀ = V Λ^{1/2} W = L W
-    Kit = L @ Wm
-    Sinv = (Kit * mu.rsqrt().unsqueeze(-2)) @ Kit.mT
+    a2 = Ga.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖A‖²_F
+    b2 = Gb.diagonal(dim1=-2, dim2=-1).sum(-1)
+    s, usable = _scale(a2, b2, dtype, floor_a, floor_b)
+    u = usable[..., None, None]
+    Ga = torch.where(u, Ga / torch.where(usable, a2, 1.0)[..., None, None], eye)  # unit trace
+    Gb = torch.where(u, Gb / torch.where(usable, b2, 1.0)[..., None, None], eye)
+    # AᵀA = Va Λa Vaᵀ = RaᵀRa with Ra = Λa^{1/2} Vaᵀ (any such factor will do), the same for B
+    la, Va = torch.linalg.eigh(Ga)
+    lb, Vb = torch.linalg.eigh(Gb)
     # numerically singular AᵀA or BᵀB (eigh's error is ~ eps·λ_max): S̃ does not exist, fall back to S = s·I
     tol = r * torch.finfo(Ga.dtype).eps
-    full_rank = (lam[..., :1] > tol * lam[..., -1:]) & (mu[..., :1] > tol * mu[..., -1:])
-    full_rank = full_rank.unsqueeze(-1) & usable  # (..., 1, 1)
-    S, Sinv = torch.where(full_rank, S, eye), torch.where(full_rank, Sinv, eye)
-    # Thm 4: s = ‖B‖_F / ‖A‖_F
-    s = torch.where(usable, b2.sqrt() / a2.sqrt(), 1.0)
-    return s * S, Sinv / s
+    exact = (la[..., 0] > tol * la[..., -1]) & (lb[..., 0] > tol * lb[..., -1]) & usable
+    la, lb = torch.where(exact[..., None], la, 1.0), torch.where(exact[..., None], lb, 1.0)
+    # Rb Raᵀ = U Σ Wᵀ; since S̃ AᵀA S̃ = BᵀB (Thm 3), S̃ = Ra⁻¹ W Σ Wᵀ Ra⁻ᵀ and S̃⁻¹ = Rb⁻¹ U Σ Uᵀ Rb⁻ᵀ
+    U, sig, Wt = torch.linalg.svd((Vb * lb.sqrt().unsqueeze(-2)).mT @ (Va * la.sqrt().unsqueeze(-2)))
+    Ka = (Va * la.rsqrt().unsqueeze(-2)) @ Wt.mT * sig.sqrt().unsqueeze(-2)  # Ra⁻¹ W Σ^{1/2}
+    Kb = (Vb * lb.rsqrt().unsqueeze(-2)) @ U * sig.sqrt().unsqueeze(-2)  # Rb⁻¹ U Σ^{1/2}
+    S = torch.where(exact[..., None, None], Ka @ Ka.mT, eye)
+    Sinv = torch.where(exact[..., None, None], Kb @ Kb.mT, eye)
+    s_ = s[..., None, None]
+    return s_ * S, Sinv / s_, exact, usable, s
 
 
 def optimal_S(A, B):
     """Thm 3: S̃ = (AᵀA)^{-1/2} [(AᵀA)^{1/2} BᵀB (AᵀA)^{1/2}]^{1/2} (AᵀA)^{-1/2}, r×r, batched over leading dims.
 
-    Returns s·I for numerically rank-deficient pairs and I for pairs with a zero or non-finite factor.
+    Returns s·I for numerically rank-deficient pairs and I for pairs with a zero or non-finite factor; the scale
+    s = ‖B‖/‖A‖ in it is clamped to √(max) of the factors' dtype (see _scale).
     """
-    A, B = A.to(_compute_dtype(A)), B.to(_compute_dtype(A))
-    return _refactor(A.mT @ A, B.mT @ B, A.shape[-2] * A.shape[-1], B.shape[-2] * B.shape[-1])[0]
+    dtype, A, B = A.dtype, A.to(DT), B.to(DT)
+    floor = torch.finfo(DT).tiny / 1024  # a mean square below this: denormal products
+    return _refactor(A.mT @ A, B.mT @ B, dtype, floor * A.shape[-2] * A.shape[-1],
+                     floor * B.shape[-2] * B.shape[-1])[0]
 
 
 def balance(A, B, S=None):
@@ -98,44 +108,54 @@ def balance(A, B, S=None):
     return (A.to(S.dtype) @ root).to(A.dtype), (B.to(S.dtype) @ iroot).to(B.dtype)
 
 
-def precondition(As, Bs, gAs, gBs, reduce=None):
+def floors(As, Bs, device=None):
+    """(2, k) float64: tiny/1024 · numel of each A and B, the ‖·‖² below which a factor counts as zero (its Gram
+    would be a sum of denormal products; bites float64 factors only). Numel of the whole parameter (for a DTensor,
+    all its shards): the optimizer builds this once per bucket."""
+    tiny = torch.finfo(DT).tiny / 1024
+    return torch.tensor([[tiny * X.numel() for X in As], [tiny * X.numel() for X in Bs]], dtype=DT, device=device)
+
+
+def precondition(As, Bs, gAs, gBs, floor=None, reduce=None):
     """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
 
     Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
     and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
     (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
-    reduce: for row shards of the factors (FSDP), a sum over the shards (Grams and sizes are sums over rows).
+    floor: `floors(As, Bs)` (built here if None). reduce: for row shards of the factors (FSDP), a sum over the
+    shards (the Grams are sums over rows).
     """
-    dt = _compute_dtype(As[0])
-    # one batched eigh for the r×r Grams of all pairs, whatever their m and n
-    Ga = torch.stack([A.to(dt).mT @ A.to(dt) for A in As])  # (k, r, r)
-    Gb = torch.stack([B.to(dt).mT @ B.to(dt) for B in Bs])
-    numel = lambda Xs: torch.tensor([X.numel() for X in Xs], dtype=dt).to(Ga.device)[:, None, None]
-    na, nb = numel(As), numel(Bs)
+    floor = floors(As, Bs, As[0].device) if floor is None else floor
+    # one batched r×r computation for all pairs, whatever their m and n; Grams in float64 (see DT)
+    Ga = torch.stack([A.to(DT).mT @ A.to(DT) for A in As])  # (k, r, r)
+    Gb = torch.stack([B.to(DT).mT @ B.to(DT) for B in Bs])
     if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
-        Ga, Gb, na, nb = reduce(torch.cat([Ga, Gb, na.expand_as(Ga), nb.expand_as(Gb)])).split(len(As))
-        na, nb = na[:, :1, :1], nb[:, :1, :1]
-    S, Sinv = _refactor(Ga, Gb, na, nb)  # (k, r, r)
+        Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
+    S, Sinv, exact, usable, s = _refactor(Ga, Gb, As[0].dtype, floor[0], floor[1])  # (k, r, r)
+    # the products with the gradients in float32 (float64 for float64 gradients)
+    dt = torch.float64 if gAs[0].dtype == torch.float64 else torch.float32
+    S, Sinv = S.to(dt), Sinv.to(dt)
     gAs = [(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))]
     gBs = [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))]
     return gAs, gBs
 
 
-def rescale(As, Bs, moments, reduce=None):
+def rescale(As, Bs, moments, floor=None, reduce=None):
     """RefLoRA-S after the base step (Thm 4): Ã = √s A, B̃ = B/√s, so ‖Ã‖_F = ‖B̃‖_F, in place.
 
     Adam's moments follow the gradients into the new coordinates: ∇Ã = ∇A/√s and ∇B̃ = √s ∇B, so the first
     moments scale like the gradients and the second moments like their squares. `moments` is
-    (mA, vA, mB, vB) lists, or None for plain gradient descent. reduce: a sum over row shards (FSDP), or None.
+    (mA, vA, mB, vB) lists, or None for plain gradient descent. floor: `floors(As, Bs)` (built here if None).
+    reduce: a sum over row shards (FSDP), or None.
     """
-    a = torch.stack(torch._foreach_norm(As, 2, dtype=torch.float64))
-    b = torch.stack(torch._foreach_norm(Bs, 2, dtype=torch.float64))
+    floor = floors(As, Bs, As[0].device) if floor is None else floor
+    a2 = torch.stack(torch._foreach_norm(As, 2, dtype=DT)).square()
+    b2 = torch.stack(torch._foreach_norm(Bs, 2, dtype=DT)).square()
     if reduce is not None:  # ‖A‖²_F = Σ_shards ‖A_i‖²_F
-        a, b = reduce(torch.stack([a, b]).square()).sqrt().unbind(0)
-    # Thm 4: s = ‖B‖_F / ‖A‖_F; 1 (no-op) where a factor is zero or non-finite
-    s = b / a
-    s = torch.where((s > 0) & torch.isfinite(s), s, 1.0)
+        a2, b2 = reduce(torch.stack([a2, b2])).unbind(0)
+    # Thm 4: s = ‖B‖_F / ‖A‖_F (clamped; 1, a no-op, where a factor is zero or non-finite)
     dt = As[0].dtype
+    s = _scale(a2, b2, dt, floor[0], floor[1])[0]
     up, down = s.sqrt().to(dt).unbind(0), s.rsqrt().to(dt).unbind(0)
     torch._foreach_mul_(As, up)
     torch._foreach_mul_(Bs, down)
@@ -209,6 +229,7 @@ class RefLoRA(torch.optim.Optimizer):
         self.compile = on_cuda if compile is None else compile
         self._precondition = torch.compile(precondition) if self.compile else precondition
         self._rescale = torch.compile(rescale) if self.compile else rescale
+        self._floors = {}  # per bucket: floors(As, Bs) on the device
         if method == "reflora-s" and warmup == 0:
             self._refactor_after_step()  # balance once before the first step (the authors' initial call)
 
@@ -225,12 +246,19 @@ class RefLoRA(torch.optim.Optimizer):
                     buckets.setdefault((A.shape[1], A.dtype, A.device), []).append((A, B))
         return [tuple(map(list, zip(*pairs))) for pairs in buckets.values()]
 
+    def _floor(self, As, Bs):
+        """floors(As, Bs) on the device, built once per bucket (numel of the whole parameter: no collective)."""
+        key = tuple(map(id, As))
+        if key not in self._floors:
+            self._floors[key] = floors(As, Bs, local(As[0]).device)
+        return self._floors[key]
+
     @torch.no_grad()
     def _refactor_before_step(self):
         for As, Bs in self._buckets(need_grads=True):
             # FSDP2: this rank's rows, with the Grams summed over the ranks
             gAs, gBs = self._precondition(_locals(As), _locals(Bs), _locals(A.grad for A in As),
-                                          _locals(B.grad for B in Bs), _shard_sum(As[0]))
+                                          _locals(B.grad for B in Bs), self._floor(As, Bs), _shard_sum(As[0]))
             for p, g in zip(As + Bs, gAs + gBs):
                 if hasattr(p.grad, "to_local"):
                     p.grad.to_local().copy_(g)  # a DTensor gradient keeps its sharding
@@ -249,10 +277,11 @@ class RefLoRA(torch.optim.Optimizer):
                 As_, Bs_ = map(list, zip(*with_m))
                 st = lambda ps, k: _locals(self.state[p][k] for p in ps)
                 self._rescale(_locals(As_), _locals(Bs_), (st(As_, "exp_avg"), st(As_, "exp_avg_sq"),
-                                                           st(Bs_, "exp_avg"), st(Bs_, "exp_avg_sq")), reduce)
+                                                           st(Bs_, "exp_avg"), st(Bs_, "exp_avg_sq")),
+                              self._floor(As_, Bs_), reduce)
             if without:
                 As_, Bs_ = map(list, zip(*without))
-                self._rescale(_locals(As_), _locals(Bs_), None, reduce)
+                self._rescale(_locals(As_), _locals(Bs_), None, self._floor(As_, Bs_), reduce)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -393,3 +393,78 @@ def test_compiled_equals_eager():
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
+
+# -----------------------------------------------------------------------------
+# S̃ for low-precision, ill-conditioned factors: exact wherever it exists (against a float64 closed form)
+
+
+def conditioned(m, r, cond, seed, dtype):
+    """A = U diag(σ) Vᵀ with σ from 1 down to 1/cond (log-spaced), rounded to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=F64))
+    return ((U * torch.logspace(0, -math.log10(cond), r, dtype=F64)) @ V.T).to(dtype)
+
+
+def closed_form_S(A, B):
+    """Float64 S̃ without Grams: A = Qa Ra, B = Qb Rb (Householder), Rb Raᵀ = U Σ Wᵀ, S̃ = Ra⁻¹ W Σ Wᵀ Ra⁻ᵀ."""
+    Ra, Rb = torch.linalg.qr(A.to(F64), mode="r")[1], torch.linalg.qr(B.to(F64), mode="r")[1]
+    _, sig, Wt = torch.linalg.svd(Rb @ Ra.T)
+    K = torch.linalg.solve_triangular(Ra, Wt.T * sig.sqrt(), upper=True)
+    return K @ K.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r,cond_a,cond_b", [(32, 600, 1.5), (32, 100, 100), (4, 2000, 1),  # today's reports
+                                             (4, 1e3, 1e3), (32, 1e3, 1e3), (64, 1e4, 100), (64, 100, 1e4)])
+def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, cond_b):
+    A, B = conditioned(300, r, cond_a, 1, dtype), 5 * conditioned(400, r, cond_b, 2, dtype)
+    ref = closed_form_S(A, B)
+    assert rel(optimal_S(A, B), ref) < 1e-4
+    # and through the optimizer's own path: the preconditioned gradients equal ∇A S̃⁻¹, ∇B S̃
+    gA, gB = torch.ones(300, r, dtype=dtype), torch.ones(400, r, dtype=dtype)
+    pA, pB = reflora.precondition([A], [B], [gA], [gB])
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # the result is rounded to the gradients' dtype
+    assert rel(pB[0].to(F64), gB.to(F64) @ ref) < tol
+
+
+def test_rank_deficient_pair_falls_back_to_scalar_and_tiny_pair_is_left_alone():
+    g = torch.Generator().manual_seed(0)
+    # exactly rank-deficient float32 factor (a repeated column): S̃ does not exist, Thm 4's s·I instead
+    A, B = torch.randn(50, 4, generator=g), torch.randn(40, 4, generator=g)
+    A[:, 3] = A[:, 0]
+    S = optimal_S(A, B)
+    assert torch.isfinite(S).all() and torch.allclose(S, optimal_s(A, B).to(F64) * torch.eye(4, dtype=F64))
+    # rank 3 of 4 in float64, a batch of 16: rounding leaves λ_min(AᵀA) ~ ±eps·λ_max, of either sign
+    A = torch.randn(16, 50, 3, generator=g, dtype=F64) @ torch.randn(16, 3, 4, generator=g, dtype=F64)
+    B = torch.randn(16, 40, 4, generator=g, dtype=F64)
+    S = optimal_S(A, B)
+    assert torch.allclose(S, optimal_s(A, B)[:, None, None] * torch.eye(4, dtype=F64))
+    # a well-conditioned float32 pair of very different scales (s = 1e16) is refactored exactly (no fallback)
+    A, B = 1e-8 * torch.randn(50, 4, generator=g), 1e8 * torch.randn(40, 4, generator=g)
+    assert rel(optimal_S(A, B), closed_form_S(A, B)) < 1e-8
+    # float64 factors so small that their Gram is a sum of denormal products: left alone (S = I)
+    A, B = 1e-160 * torch.randn(50, 4, generator=g, dtype=F64), torch.randn(40, 4, generator=g, dtype=F64)
+    assert torch.equal(optimal_S(A, B), torch.eye(4, dtype=F64))
+
+
+@pytest.mark.parametrize("case", ["fp32 s > 3.4e38", "fp16 s ~ 8.6e9 rescale", "fp16 sgd preconditioned"])
+def test_extreme_scale_ratios_stay_finite(case):
+    g = torch.Generator().manual_seed(0)
+    if case == "fp32 s > 3.4e38":  # s = ‖B‖/‖A‖ overflows float32
+        dtype, a, b, method, base = torch.float32, 1e-30, 1e10, "reflora-s", "adamw"
+    elif case == "fp16 s ~ 8.6e9 rescale":  # √s overflows float16 in the first balance
+        dtype, a, b, method, base = torch.float16, 1e-5, 3e3, "reflora-s", "sgd"
+    else:  # ∇B S̃ overflows float16
+        dtype, a, b, method, base = torch.float16, 1e-3, 3e2, "reflora", "sgd"
+    A = torch.nn.Parameter((a * torch.randn(12, 4, generator=g)).to(dtype))
+    B = torch.nn.Parameter((b * torch.randn(9, 4, generator=g)).to(dtype))
+    s0 = optimal_s(A, B)
+    opt = RefLoRA([(A, B)], method=method, base=base, lr=1e-4, warmup=0)
+    for _ in range(5):
+        A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
+        opt.step()
+        for t in (A, B, *opt.state[A].values(), *opt.state[B].values()):
+            assert torch.isfinite(t).all()
+    if method == "reflora-s":  # and the rescaling moved towards balance (clamped steps)
+        assert optimal_s(A, B) < s0 / 10
