@@ -400,14 +400,19 @@ def bench_toy(args):
 # the suite: every GPU number the README promises, in one command, each part on its own
 
 
-def device_checks(device, compile, r=32, k=32, seed=0):
-    """CUDA against the CPU for the same factors: S̃ (batched eigh, float32) against float64, and one RefLoRA and
-    one RefLoRA-S optimizer step (AdamW base, the device's step compiled if compile) against the CPU's."""
+def factors(device, k, r, seed=0):
+    """k random pairs shaped like LLaMA-7B's up projection (small on CPU): A (k, m, r), B (k, n, r), float32."""
     g = torch.Generator().manual_seed(seed)
-    m, n = (11008, 4096) if device.type == "cuda" else (96, 64)  # LLaMA-7B's up projection; small on CPU
+    m, n = (11008, 4096) if device.type == "cuda" else (96, 64)
     cols = torch.logspace(0, -1, r, dtype=torch.float64)  # factors with condition number 10
     A = (torch.randn(k, m, r, generator=g, dtype=torch.float64) * cols).float()
-    B = (torch.randn(k, n, r, generator=g, dtype=torch.float64) * cols.flip(0)).float()
+    return A, (torch.randn(k, n, r, generator=g, dtype=torch.float64) * cols.flip(0)).float()
+
+
+def check_S(device, r=32, k=32):
+    """S̃ of k pairs at once (one batched eigh; on CUDA a Jacobi solver for small r) in float32 on the device and
+    on the CPU, against float64 on the CPU: S̃'s relative error and the balance residual (max over pairs)."""
+    A, B = factors(device, k, r)
     Ga, Gb = A.double().mT @ A.double(), B.double().mT @ B.double()
     ref = reflora.optimal_S(A.double(), B.double())
     rel = lambda x, y: (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).max().item()
@@ -420,30 +425,58 @@ def device_checks(device, compile, r=32, k=32, seed=0):
     res["S_rel_err_device"], res["balance_residual_device"] = errors(reflora.optimal_S(A.to(device), B.to(device)))
     res["S_rel_err_cpu32"], res["balance_residual_cpu32"] = errors(reflora.optimal_S(A, B))
     res["balance_residual_cpu64"] = errors(ref)[1]
-    # one optimizer step from the same factors and gradients, on the device and on the CPU: relative error of
-    # the update (p_after - p_before), the sensitive measure
-    shapes = [(m, n), (n, n), (n, m)] * 2
-    init = [tuple(0.02 * torch.randn(s, r, generator=g) for s in sh) for sh in shapes]
-    grads = [tuple(torch.randn(s, r, generator=g) for s in sh) for sh in shapes]
+    log("S check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
+    return res
+
+
+def check_steps(device, compile, r=32):
+    """One RefLoRA and one RefLoRA-S step (AdamW base; on the device compiled if compile) from the same factors
+    and gradients as on the CPU (eager): relative error of the update p_after - p_before, the sensitive measure."""
+    A, B = factors(device, 2, r, seed=1)
+    init = [(A[0], B[0]), (B[0], B[1]), (B[1], A[1])]  # (m, n), (n, n), (n, m) pairs
+    init = [(0.02 * a, 0.02 * b) for a, b in init]
+    g = torch.Generator().manual_seed(2)
+    grads = [(torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)) for a, b in init]
+    res = {}
     for method in ("reflora", "reflora-s"):
-        new = {}
-        for dev in (torch.device("cpu"), device):
+        new = []
+        for i, dev in enumerate((torch.device("cpu"), device)):
             pairs = [tuple(torch.nn.Parameter(t.to(dev, copy=True)) for t in ab) for ab in init]  # init unchanged
-            opt = reflora.RefLoRA(pairs, method=method, lr=1e-3, warmup=0, compile=compile and dev == device)
+            opt = reflora.RefLoRA(pairs, method=method, lr=1e-3, warmup=0, compile=compile and i == 1)
             for ab, gab in zip(pairs, grads):
                 for p, gr in zip(ab, gab):
                     p.grad = gr.to(dev, copy=True)
             opt.step()
-            new[dev.type] = [p.detach().cpu() for ab in pairs for p in ab]
+            new.append([p.detach().cpu() for ab in pairs for p in ab])
         old = [p for ab in init for p in ab]
-        res[f"{method}_step_rel_err"] = max(
-            ((d - c).norm() / (c - o).norm()).item() for d, c, o in zip(new[device.type], new["cpu"], old))
-    for key, v in res.items():
-        log(f"checks: {key} {v:.2e}")
+        res[f"{method}_step_rel_err"] = max(((d - c).norm() / (c - o).norm()).item()
+                                            for c, d, o in zip(new[0], new[1], old))
+    log("step check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
     return res
 
 
+def one_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def suite_train(args, device, dtype, batches, deadline):
+    """fit_and_time, and if the compiled run fails for another reason than memory, once more in eager mode."""
+    try:
+        return fit_and_time(args, device, dtype, batches, deadline)
+    except Exception as e:
+        if not args.compile or is_oom(e) or isinstance(e, MemoryError):
+            raise
+        traceback.print_exc()
+        err = one_line(e)
+    free(device)
+    torch._dynamo.reset()
+    log(f"train: the compiled run failed ({err}): once more, eager")
+    res = fit_and_time(argparse.Namespace(**{**vars(args), "compile": False}), device, dtype, batches, deadline)
+    return dict(res, compile_error=err)
+
+
+def fit_and_time(args, device, dtype, batches, deadline):
     """The largest batch that fits (descending list; out of memory: free, try the next), then train_steps; a
     smaller model when even batch 1 does not fit."""
     cuda = device.type == "cuda"
@@ -511,9 +544,21 @@ def suite_refactor(args, device, deadline):
     compile = args.compile and deadline - time.perf_counter() > 75  # a compile takes ~30-60 s
     if args.compile and not compile:
         log("refactor: under 75 s left in the time budget: the compiled row is skipped")
-    res = refactor_steps(pairs, device, compile, args.warmup, args.iters)
+    err = None
+    try:
+        res = refactor_steps(pairs, device, compile, args.warmup, args.iters)
+    except Exception as e:
+        if not compile:
+            raise
+        traceback.print_exc()
+        err = one_line(e)
+    if err:
+        torch._dynamo.reset()
+        log(f"refactor: the compiled run failed ({err}): eager rows only")
+        res = refactor_steps(pairs, device, False, args.warmup, args.iters)
     log("refactor: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res.items()))
-    return dict(pairs=len(pairs), rank=args.rank, ms=res, speedup={k: res["loop"] / v for k, v in res.items()})
+    return dict(pairs=len(pairs), rank=args.rank, ms=res, speedup={k: res["loop"] / v for k, v in res.items()},
+                compile_error=err)
 
 
 def verdict(value, target, at_most=True, unit=""):
@@ -538,9 +583,12 @@ def summary(out):
     for part, res in out["parts"].items():
         if "error" in res or "skipped" in res:
             rows.append((part, "error" if "error" in res else "skipped", res.get("error") or res["skipped"], "", ""))
+    for part, res in out["parts"].items():
+        if res.get("compile_error"):
+            rows.append((part, "compile failed, eager numbers", res["compile_error"], "", ""))
     t = out["parts"].get("train", {})
     if "methods" in t:
-        p = f"train {t['model']} b{t['batch_size']}×{t['seq_len']}"
+        p = f"train {t['model']} b{t['batch_size']}×{t['seq_len']} {'compiled' if t['compile'] else 'eager'}"
         for m, r in t["methods"].items():
             row(p, f"{m} step", r["step_ms"], ".1f", unit=" ms")
             row(p, f"{m} tokens/s", r["tokens_per_s"], ".0f")
@@ -564,9 +612,9 @@ def summary(out):
         p = f"refactor {f['pairs']} pairs r={f['rank']}"
         for k, ms in f["ms"].items():
             row(p, f"{REFACTOR_ROWS[k]} ms ({f['speedup'][k]:.1f}× vs loop)", ms, ".2f")
-    c = out["parts"].get("checks", {})
+    c = {**out["parts"].get("S_check", {}), **out["parts"].get("step_check", {})}
+    p = "checks (device vs CPU)"
     if "S_rel_err_device" in c:
-        p = "checks (device vs CPU)"
         row(p, "S̃ rel. error, device float32 vs CPU float64", c["S_rel_err_device"], ".1e",
             max(1e-5, 10 * c["S_rel_err_cpu32"]))
         row(p, "S̃ rel. error, CPU float32 vs CPU float64", c["S_rel_err_cpu32"], ".1e")
@@ -574,7 +622,8 @@ def summary(out):
             max(1e-5, 10 * c["balance_residual_cpu32"]))
         row(p, "balance residual, CPU float32 / float64",
             c["balance_residual_cpu32"], ".1e")
-        for m in ("reflora", "reflora-s"):
+    for m in ("reflora", "reflora-s"):
+        if f"{m}_step_rel_err" in c:
             row(p, f"one {m} step, update rel. error", c[f"{m}_step_rel_err"], ".1e", 1e-4)
     return rows, targets
 
@@ -590,7 +639,8 @@ def suite(args):
     deadline = _T0 + args.budget
     batches = [args.batch_size] if args.batch_size else [64, 48, 40, 32, 24, 16, 8, 4, 2, 1]
     # cheap parts first; the training step leaves ~100 s for the refactor step after it
-    parts = [("checks", lambda: device_checks(device, args.compile)),
+    parts = [("S_check", lambda: check_S(device)),
+             ("step_check", lambda: check_steps(device, args.compile)),
              ("generate", lambda: suite_generate(args, device, dtype)),
              ("train", lambda: suite_train(args, device, dtype, batches, deadline - 100)),
              ("refactor", lambda: suite_refactor(args, device, deadline))]
@@ -604,7 +654,7 @@ def suite(args):
             out["parts"][name] = fn()
         except Exception as e:
             traceback.print_exc()
-            out["parts"][name] = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]}
+            out["parts"][name] = {"error": one_line(e)}
             log(f"--- {name}: failed: {out['parts'][name]['error']}")
         free(device)
         torch._dynamo.reset()  # each part compiles afresh: no shapes left over to make the next compile dynamic

@@ -28,7 +28,7 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["versions"]["torch"] == torch.__version__ and res["versions"]["device"] == "cpu"
     parts = res["parts"]
-    assert set(parts) == {"checks", "generate", "train", "refactor"}
+    assert set(parts) == {"S_check", "step_check", "generate", "train", "refactor"}
     for name, part in parts.items():
         assert "error" not in part and "skipped" not in part, (name, part)
     # training step: every method timed, the overheads and the compiled-vs-eager loss check present
@@ -45,7 +45,7 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys):
     f = parts["refactor"]
     assert f["pairs"] == 10 and set(f["ms"]) == {"loop", "eager", "rescale"}  # tiny: 2 layers × 5; no compile
     assert all(v > 0 for v in f["ms"].values())
-    c = parts["checks"]
+    c = {**parts["S_check"], **parts["step_check"]}
     # on the CPU the "device" is the CPU: S̃ in float32 close to float64, balanced, and the two steps identical
     assert c["S_rel_err_device"] == c["S_rel_err_cpu32"] < 1e-4
     assert c["balance_residual_device"] < 1e-4 and c["balance_residual_cpu64"] < 1e-12
@@ -92,6 +92,19 @@ def test_batch_search_falls_back_on_out_of_memory(monkeypatch):
     monkeypatch.setattr(bench, "train_steps", other_error)
     with pytest.raises(ValueError):
         bench.suite_train(args, torch.device("cpu"), torch.float32, [8, 4], deadline=None)
+
+
+def test_failed_compile_falls_back_to_eager(monkeypatch):
+    """A compiled training step that fails (not for memory) is run once more in eager mode, the error kept."""
+    def steps(model, tokens, targets, dtype, compile, *a, **k):
+        if compile:
+            raise RuntimeError("InductorError: something new\nmore lines")
+        return {"batch_size": tokens.shape[0], "compile": compile}
+
+    monkeypatch.setattr(bench, "train_steps", steps)
+    args = bench.argparse.Namespace(model="tiny", rank=4, seq_len=8, compile=True, warmup=1, iters=1)
+    res = bench.suite_train(args, torch.device("cpu"), torch.float32, [2], deadline=None)
+    assert res["compile"] is False and res["compile_error"] == "RuntimeError: InductorError: something new"
 
 
 def test_verdicts():
