@@ -203,8 +203,8 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     loss_fwd = loss.item()
     del loss
     model.zero_grad(set_to_none=True)
-    log(f"first forward + backward (compile={compile}): {time.perf_counter() - t0:.1f} s; loss {loss_fwd:.5f}, "
-        f"eager {loss_eager:.5f}")
+    first_s = time.perf_counter() - t0
+    log(f"first forward + backward (compile={compile}): {first_s:.1f} s; loss {loss_fwd:.5f}, eager {loss_eager:.5f}")
     opts = {m: reflora.RefLoRA(model.lora_pairs(), method=m, lr=1e-5, warmup=0, compile=compile)
             for m in reflora.METHODS}
     times = {m: {"step": [], "opt": [], "mem": 0} for m in opts}
@@ -230,7 +230,8 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     for m, opt in opts.items():  # warm-up (and compilation of the optimizer) of every method
         for _ in range(warmup):
             last[m] = step(opt)[0] / 1e3
-    log(f"warm-up ({warmup} steps per method, compile={compile}): {time.perf_counter() - t0:.1f} s")
+    warmup_s = time.perf_counter() - t0
+    log(f"warm-up ({warmup} steps per method, compile={compile}): {warmup_s:.1f} s")
     if deadline is not None and warmup:  # as many timed rounds as fit before the deadline, at least 3
         fit = int((deadline - time.perf_counter()) / sum(last.values()))
         if fit < iters:
@@ -245,6 +246,7 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     B, T = tokens.shape
     fpt, peak = f0 + f1 * T, peak_flops(device, dtype)
     res = dict(batch_size=B, seq_len=T, dtype=str(dtype).removeprefix("torch."), compile=compile, iters=iters,
+               first_step_s=first_s, warmup_s=warmup_s,
                loss_eager=loss_eager, loss_compiled=loss_fwd, loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager),
                methods={})
     print(f"batch {B} × seq {T}, {res['dtype']}, compile={compile}, {iters} timed steps per method (medians)")
@@ -520,7 +522,7 @@ def fit_and_time(args, device, dtype, batches, deadline):
         del model
         free(device)
         if i + 1 < len(names):
-            log(f"train: {name} does not fit in {total / 2**30:.0f} GiB even at batch {batches[-1]}: "
+            log(f"train: {name} does not fit in {total / 2**30:.0f} GiB of GPU memory: "
                 f"using {names[i + 1]} shapes instead")
     raise MemoryError(f"no model of {names} fits at batch {batches[-1]}")
 
