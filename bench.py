@@ -2,8 +2,12 @@
 Benchmarks for reflora (timing hygiene after gpt-fast: warm-up, synchronized timed regions, medians, compile time
 reported apart, device and versions printed).
 
+    python bench.py --suite [--json=PATH]      # every GPU number the README promises, one command (< 8 min)
+    python bench.py --suite --device=cpu --model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 \
+                    --new_tokens=4 --compile=False   # the same code path on CPU in seconds (tests/test_bench.py)
     python bench.py --model=smollm2-135m --device=cpu [--batch_size=8 --seq_len=256 --dtype=float32 --compile=False]
                     [--json=PATH]        # one training step: lora vs reflora vs reflora-s, interleaved
+    python bench.py --compare_dtypes ...                    # the same, float32 eager vs bfloat16, and the speed-up
     python bench.py --generate --model=tiny                 # batched beam search vs one example at a time
     python bench.py --refactor [--pairs=160] [--rank=32]   # one refactor step, LLaMA-7B shapes
     python bench.py --toy [--toy_setting=paper|normalized] [--png=toy.png] [--json=toy.json]   # the toy
@@ -12,12 +16,15 @@ References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem
 authors' repository; gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
 """
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -28,10 +35,22 @@ import train
 # -----------------------------------------------------------------------------
 # timing
 
+_T0 = time.perf_counter()
+
+
+def log(msg):  # a progress line with the time since start
+    print(f"[{time.perf_counter() - _T0:6.1f} s] {msg}", flush=True)
+
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def free(device):  # after `del`: give cached blocks back, so the next part starts from an empty GPU
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def timeit(fn, device, warmup=3, iters=20):
@@ -55,10 +74,41 @@ def interleaved(fns, device, warmup=3, iters=20):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def versions(device):
+    cuda = device.type == "cuda"
+    return dict(device=str(device), name=torch.cuda.get_device_name(device) if cuda else
+                platform.processor() or platform.machine(), torch=torch.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version() if cuda else None, python=platform.python_version(),
+                threads=torch.get_num_threads(),
+                memory_gib=torch.cuda.get_device_properties(device).total_memory / 2**30 if cuda else None)
+
+
 def header(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({name}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"python {platform.python_version()}")
+    v = versions(device)
+    print(f"device {v['device']} ({v['name']}, {v['threads']} threads), torch {v['torch']}, CUDA {v['cuda']}, "
+          f"python {v['python']}", flush=True)
+    return v
+
+
+def autocast(device, dtype):  # as train.py: bf16 autocast on CUDA; none on CPU (the weights' dtype rules)
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_oom(e):
+    s = str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in s or "CUBLAS_STATUS_ALLOC_FAILED" in s
+
+
+def build(name, device, dtype, rank=None):
+    """A random-weight model of preset `name` (base in dtype), with float32 LoRA on q, k, v, up, down if rank."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.Transformer(M.ModelArgs.from_name(name)).to(dtype)
+    if rank:
+        M.add_lora(model, r=rank, alpha=2 * rank)
+    return model
 
 # -----------------------------------------------------------------------------
 # one refactor step: batched (reflora.precondition) vs a per-pair loop like the authors' Refactorer
@@ -92,33 +142,42 @@ def loop_precondition(As, Bs, gAs, gBs):
     return out_A, out_B
 
 
+def refactor_steps(pairs, device, compile, warmup=2, iters=10):
+    """{name: median ms} of one refactor step over `pairs`, interleaved; compile=False leaves the compiled row out."""
+    As, Bs, gAs, gBs = map(list, zip(*pairs))
+    rows = {"loop": loop_precondition, "eager": torch.no_grad()(reflora.precondition)}
+    if compile:
+        compiled = torch.compile(reflora.precondition)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(As, Bs, gAs, gBs)
+        sync(device)
+        log(f"refactor: compile time {time.perf_counter() - t0:.1f} s")
+        rows["compiled"] = torch.no_grad()(compiled)
+    # RefLoRA-S: norms and in-place rescaling of factors and both Adam moments
+    moments = [[t.clone() for t in ts] for ts in (gAs, gAs, gBs, gBs)]
+    fns = {name: (lambda fn=fn: fn(As, Bs, gAs, gBs)) for name, fn in rows.items()}
+    fns["rescale"] = lambda: reflora.rescale(As, Bs, moments)
+    return interleaved(fns, device, warmup=warmup, iters=iters)
+
+
+REFACTOR_ROWS = {"loop": "per-pair loop (authors' algorithm)", "eager": "batched, eager",
+                 "compiled": "batched, compiled", "rescale": "RefLoRA-S rescale (batched, eager)"}
+
+
 def bench_refactor(args):
     device = torch.device(args.device)
     header(device)
     pairs = llama7b_pairs(n_layers=args.pairs // 5, r=args.rank, device=device)
-    As, Bs, gAs, gBs = map(list, zip(*pairs))
     print(f"{len(pairs)} pairs (LLaMA-7B q,k,v,up,down), r={args.rank}, float32")
-    rows = [("per-pair loop (authors' algorithm)", loop_precondition),
-            ("batched, eager", reflora.precondition)]
-    if args.compile:
-        compiled = torch.compile(reflora.precondition)
-        t0 = time.perf_counter()
-        compiled(As, Bs, gAs, gBs)
-        sync(device)
-        print(f"compile time {time.perf_counter() - t0:.1f} s")
-        rows.append(("batched, compiled", compiled))
-    # RefLoRA-S: norms and in-place rescaling of factors and both Adam moments
-    moments = [[t.clone() for t in ts] for ts in (gAs, gAs, gBs, gBs)]
-    fns = {name: (lambda fn=fn: fn(As, Bs, gAs, gBs)) for name, fn in rows}
-    fns["RefLoRA-S rescale (batched, eager)"] = lambda: reflora.rescale(As, Bs, moments)
-    results = interleaved(fns, device, warmup=2, iters=args.iters)
-    base = results[rows[0][0]]
+    results = refactor_steps(pairs, device, args.compile, args.warmup, args.iters)
     for name, ms in results.items():
-        print(f"{name:40s} {ms:9.2f} ms   {base / ms:6.1f}x vs loop")
+        print(f"{REFACTOR_ROWS[name]:40s} {ms:9.2f} ms   {results['loop'] / ms:6.1f}x vs loop")
     return results
 
 # -----------------------------------------------------------------------------
 # one training step per method, interleaved in one process
+
 
 def peak_flops(device, dtype):
     """Dense bf16 peak of a known GPU (train.PEAK_FLOPS), else None (CPU, float32: no MFU)."""
@@ -128,25 +187,26 @@ def peak_flops(device, dtype):
     return next((v for k, v in train.PEAK_FLOPS.items() if k in name), None)
 
 
-def bench_train(args):
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    header(device)
-    torch.manual_seed(0)
-    margs = M.ModelArgs.from_name(args.model)
-    with torch.device(device):
-        model = M.Transformer(margs).to(dtype)
-    M.add_lora(model, r=args.rank, alpha=2 * args.rank)
-    model.grad_checkpoint = args.grad_checkpoint
-    if args.compile:
-        for layer in model.layers:
-            layer.compile()
-    x = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-    tokens, targets = x[:, :-1], x[:, 1:]
-    opts = {m: reflora.RefLoRA(model.lora_pairs(), method=m, lr=1e-5, warmup=0, compile=args.compile)
-            for m in ("lora", "reflora", "reflora-s")}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and dtype != torch.float32 \
-        else torch.autocast("cpu", enabled=False)
-    cuda = device.type == "cuda"
+def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20, deadline=None):
+    """Per method {step_ms, opt_ms, tokens_per_s, mfu, peak_mem_mb}, plus the overheads over lora and a
+    compiled-vs-eager loss check. compile: torch.compile the model's forward as train.py does (a wrapper sharing
+    the parameters) and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short."""
+    device = tokens.device
+    cuda, amp = device.type == "cuda", autocast(device, dtype)
+    with torch.no_grad(), amp:
+        loss_eager = model(tokens, targets)[1].item()
+    fwd = torch.compile(model) if compile else model
+    t0 = time.perf_counter()
+    with amp:
+        loss = fwd(tokens, targets)[1]
+    loss.backward()
+    loss_fwd = loss.item()
+    del loss
+    model.zero_grad(set_to_none=True)
+    first_s = time.perf_counter() - t0
+    log(f"first forward + backward (compile={compile}): {first_s:.1f} s; loss {loss_fwd:.5f}, eager {loss_eager:.5f}")
+    opts = {m: reflora.RefLoRA(model.lora_pairs(), method=m, lr=1e-5, warmup=0, compile=compile)
+            for m in reflora.METHODS}
     times = {m: {"step": [], "opt": [], "mem": 0} for m in opts}
 
     def step(opt):
@@ -154,8 +214,8 @@ def bench_train(args):
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0 = time.perf_counter()
-        with autocast:
-            _, loss = model(tokens, targets)
+        with amp:
+            loss = fwd(tokens, targets)[1]
         loss.backward()
         sync(device)
         t1 = time.perf_counter()
@@ -166,34 +226,71 @@ def bench_train(args):
         return 1e3 * (t2 - t0), 1e3 * (t2 - t1), torch.cuda.max_memory_allocated(device) if cuda else 0
 
     t0 = time.perf_counter()
-    for m, opt in opts.items():  # warm-up (and compilation) of every method
-        for _ in range(args.warmup):
-            step(opt)
-    print(f"warm-up ({args.warmup} steps per method, compile={args.compile}): {time.perf_counter() - t0:.1f} s")
-    for _ in range(args.iters):  # interleaved, so drift in clocks or load hits all methods alike
+    last = {}
+    for m, opt in opts.items():  # warm-up (and compilation of the optimizer) of every method
+        for _ in range(warmup):
+            last[m] = step(opt)[0] / 1e3
+    warmup_s = time.perf_counter() - t0
+    log(f"warm-up ({warmup} steps per method, compile={compile}): {warmup_s:.1f} s")
+    if deadline is not None and warmup:  # as many timed rounds as fit before the deadline, at least 3
+        fit = int((deadline - time.perf_counter()) / sum(last.values()))
+        if fit < iters:
+            iters = max(3, fit)
+            log(f"time budget: {iters} timed steps per method")
+    for _ in range(iters):  # interleaved, so drift in clocks or load hits all methods alike
         for m, opt in opts.items():
             s, o, mem = step(opt)
             times[m]["step"].append(s), times[m]["opt"].append(o)
             times[m]["mem"] = max(times[m]["mem"], mem)
     f0, f1 = train.flops_per_token(model)  # LoRA FLOPs per token: 4·N_frozen + 6·N_lora + attention
-    ntok, fpt, peak = args.batch_size * args.seq_len, f0 + f1 * args.seq_len, peak_flops(device, dtype)
-    res = {}
-    print(f"{args.model}, batch {args.batch_size} × seq {args.seq_len}, {args.dtype}, r={args.rank}, "
-          f"{args.iters} timed steps per method (medians)")
+    B, T = tokens.shape
+    fpt, peak = f0 + f1 * T, peak_flops(device, dtype)
+    res = dict(batch_size=B, seq_len=T, dtype=str(dtype).removeprefix("torch."), compile=compile, iters=iters,
+               first_step_s=first_s, warmup_s=warmup_s,
+               loss_eager=loss_eager, loss_compiled=loss_fwd, loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager),
+               methods={})
+    print(f"batch {B} × seq {T}, {res['dtype']}, compile={compile}, {iters} timed steps per method (medians)")
     print(f"{'method':10s} {'step ms':>9s} {'opt ms':>8s} {'tok/s':>9s} {'mfu':>6s} {'peak MB':>9s}")
     for m, t in times.items():
         step_ms, opt_ms = statistics.median(t["step"]), statistics.median(t["opt"])
-        tps = ntok / step_ms * 1e3
+        tps = B * T / step_ms * 1e3
         mfu = fpt * tps / peak if peak else None
-        res[m] = dict(step_ms=step_ms, opt_ms=opt_ms, tokens_per_s=tps, mfu=mfu, peak_mem_mb=t["mem"] / 2**20 if cuda else None)
+        r = res["methods"][m] = dict(step_ms=step_ms, opt_ms=opt_ms, tokens_per_s=tps, mfu=mfu,
+                                     peak_mem_mb=t["mem"] / 2**20 if cuda else None)
         print(f"{m:10s} {step_ms:9.1f} {opt_ms:8.2f} {tps:9.0f} {f'{100 * mfu:.1f}%' if mfu else '-':>6s} "
-              f"{res[m]['peak_mem_mb'] or 0:9.0f}")
+              f"{r['peak_mem_mb'] or 0:9.0f}")
+    lora = res["methods"]["lora"]
     for m in ("reflora", "reflora-s"):
+        r = res["methods"][m]
         # the methods differ only in the optimizer step: its extra time is the overhead, without the noise of
         # the (identical) forward and backward
-        extra = res[m]["opt_ms"] - res["lora"]["opt_ms"]
-        print(f"{m} overhead over lora: step {100 * (res[m]['step_ms'] / res['lora']['step_ms'] - 1):+.2f}%, "
-              f"optimizer {extra:+.2f} ms = {100 * extra / res['lora']['step_ms']:+.2f}% of a lora step")
+        extra = r["opt_ms"] - lora["opt_ms"]
+        r["step_overhead_pct"] = 100 * (r["step_ms"] / lora["step_ms"] - 1)
+        r["opt_share_pct"] = 100 * extra / lora["step_ms"]
+        r["extra_mem_pct"] = 100 * (r["peak_mem_mb"] / lora["peak_mem_mb"] - 1) if cuda else None
+        print(f"{m} overhead over lora: step {r['step_overhead_pct']:+.2f}%, optimizer {extra:+.2f} ms = "
+              f"{r['opt_share_pct']:+.2f}% of a lora step" + (f", peak memory {r['extra_mem_pct']:+.2f}%" if cuda else ""))
+    return res
+
+
+def bench_train(args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    header(device)
+    model = build(args.model, device, dtype, args.rank)
+    model.grad_checkpoint = args.grad_checkpoint
+    x = torch.randint(0, model.args.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
+    print(f"{args.model}, r={args.rank}")
+    return train_steps(model, x[:, :-1], x[:, 1:], dtype, args.compile, args.warmup, args.iters)
+
+
+def compare_dtypes(args):
+    """float32 eager against bfloat16 (compiled if --compile=True), one after the other: the speed-up per method."""
+    res = {}
+    for dt, comp in (("float32", False), ("bfloat16", args.compile)):
+        res[dt] = bench_train(argparse.Namespace(**{**vars(args), "dtype": dt, "compile": comp}))
+    for m in reflora.METHODS:
+        a, b = (res[dt]["methods"][m]["step_ms"] for dt in ("float32", "bfloat16"))
+        print(f"{m:10s} step: float32 eager {a:.1f} ms, bfloat16 {b:.1f} ms: speed-up {a / b:.2f}x")
     return res
 
 
@@ -201,24 +298,31 @@ def bench_train(args):
 # generation: batched beam search vs one example at a time
 
 
+def random_prompts(n, lo, hi, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(k),), generator=g).tolist() for k in torch.randint(lo, hi + 1, (n,), generator=g)]
+
+
+def generate_speed(model, prompts, beams, new_tokens, device):
+    """Examples/s of one batched beam search over all prompts and of one prompt at a time, and the ratio."""
+    gen = lambda ps: M.generate(model, ps, new_tokens, eos_id=-1, pad_id=0, num_beams=beams)
+    t_batch = timeit(lambda: gen(prompts), device, warmup=1, iters=3)
+    t_one = timeit(lambda: [gen([p]) for p in prompts], device, warmup=0, iters=1)
+    return dict(prompts=len(prompts), beams=beams, new_tokens=new_tokens, batched=len(prompts) / t_batch * 1e3,
+                one_by_one=len(prompts) / t_one * 1e3, ratio=t_one / t_batch)
+
+
 def bench_generate(args):
     device = torch.device(args.device)
     header(device)
-    torch.manual_seed(0)
-    margs = M.ModelArgs.from_name(args.model)
-    with torch.device(device):
-        model = M.Transformer(margs).to(getattr(torch, args.dtype)).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, margs.vocab_size, (int(n),), generator=g).tolist()
-               for n in torch.randint(args.seq_len // 2, args.seq_len, (args.batch_size,), generator=g)]
-    gen = lambda ps: M.generate(model, ps, args.new_tokens, eos_id=-1, pad_id=0, num_beams=args.beams)
-    t_batch = timeit(lambda: gen(prompts), device, warmup=1, iters=3)
-    t_one = timeit(lambda: [gen([p]) for p in prompts], device, warmup=0, iters=1)
-    print(f"{args.model}: {len(prompts)} prompts of {args.seq_len // 2}-{args.seq_len} tokens, {args.beams} beams, "
+    model = build(args.model, device, getattr(torch, args.dtype)).eval()
+    prompts = random_prompts(args.batch_size, args.seq_len // 2, args.seq_len - 1, model.args.vocab_size)
+    res = generate_speed(model, prompts, args.beams, args.new_tokens, device)
+    print(f"{args.model}: {len(prompts)} prompts of {args.seq_len // 2}-{args.seq_len - 1} tokens, {args.beams} beams, "
           f"{args.new_tokens} new tokens")
-    print(f"batched      {len(prompts) / t_batch * 1e3:8.2f} examples/s")
-    print(f"one by one   {len(prompts) / t_one * 1e3:8.2f} examples/s   ({t_one / t_batch:.1f}x slower)")
-    return dict(batched=len(prompts) / t_batch * 1e3, one_by_one=len(prompts) / t_one * 1e3)
+    print(f"batched      {res['batched']:8.2f} examples/s")
+    print(f"one by one   {res['one_by_one']:8.2f} examples/s   ({res['ratio']:.1f}x slower)")
+    return res
 
 
 # -----------------------------------------------------------------------------
@@ -362,48 +466,347 @@ def bench_toy(args):
     return toy_json(setting, curves)
 
 # -----------------------------------------------------------------------------
+# the suite: every GPU number the README promises, in one command, each part on its own
+
+
+def factors(device, k, r, seed=0):
+    """k random pairs shaped like LLaMA-7B's up projection (small on CPU): A (k, m, r), B (k, n, r), float32."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = (11008, 4096) if device.type == "cuda" else (96, 64)
+    cols = torch.logspace(0, -1, r, dtype=torch.float64)  # factors with condition number 10
+    A = (torch.randn(k, m, r, generator=g, dtype=torch.float64) * cols).float()
+    return A, (torch.randn(k, n, r, generator=g, dtype=torch.float64) * cols.flip(0)).float()
+
+
+def check_S(device, r=32, k=32):
+    """S̃ of k pairs at once (one batched eigh; on CUDA a Jacobi solver for small r) in float32 on the device and
+    on the CPU, against float64 on the CPU: S̃'s relative error and the balance residual (max over pairs)."""
+    A, B = factors(device, k, r)
+    Ga, Gb = A.double().mT @ A.double(), B.double().mT @ B.double()
+    ref = reflora.optimal_S(A.double(), B.double())
+    rel = lambda x, y: (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).max().item()
+
+    def errors(S):  # Thm 3: S̃ AᵀA S̃ = BᵀB (ÃᵀÃ = B̃ᵀB̃), the residual in float64; and S̃'s error
+        S = S.cpu().double()
+        return rel(S, ref), rel(S @ Ga @ S, Gb)
+
+    res = {}
+    res["S_rel_err_device"], res["balance_residual_device"] = errors(reflora.optimal_S(A.to(device), B.to(device)))
+    res["S_rel_err_cpu32"], res["balance_residual_cpu32"] = errors(reflora.optimal_S(A, B))
+    res["balance_residual_cpu64"] = errors(ref)[1]
+    log("S check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
+    return res
+
+
+def check_steps(device, compile, r=32):
+    """One RefLoRA and one RefLoRA-S step (AdamW base; on the device compiled if compile) from the same factors
+    and gradients as on the CPU (eager): relative error of the update p_after - p_before, the sensitive measure."""
+    A, B = factors(device, 2, r, seed=1)
+    init = [(A[0], B[0]), (B[0], B[1]), (B[1], A[1])]  # (m, n), (n, n), (n, m) pairs
+    init = [(0.02 * a, 0.02 * b) for a, b in init]
+    g = torch.Generator().manual_seed(2)
+    grads = [(torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)) for a, b in init]
+    res = {}
+    for method in ("reflora", "reflora-s"):
+        new = []
+        for i, dev in enumerate((torch.device("cpu"), device)):
+            pairs = [tuple(torch.nn.Parameter(t.to(dev, copy=True)) for t in ab) for ab in init]  # init unchanged
+            opt = reflora.RefLoRA(pairs, method=method, lr=1e-3, warmup=0, compile=compile and i == 1)
+            for ab, gab in zip(pairs, grads):
+                for p, gr in zip(ab, gab):
+                    p.grad = gr.to(dev, copy=True)
+            opt.step()
+            new.append([p.detach().cpu() for ab in pairs for p in ab])
+        old = [p for ab in init for p in ab]
+        res[f"{method}_step_rel_err"] = max(((d - c).norm() / (c - o).norm()).item()
+                                            for c, d, o in zip(new[0], new[1], old))
+    log("step check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
+    return res
+
+
+def one_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def suite_train(args, device, dtype, batches, deadline):
+    """fit_and_time, and if the compiled run fails for another reason than memory, once more in eager mode."""
+    try:
+        return fit_and_time(args, device, dtype, batches, deadline)
+    except Exception as e:
+        if not args.compile or is_oom(e) or isinstance(e, MemoryError):
+            raise
+        traceback.print_exc()
+        err = one_line(e)
+    free(device)
+    torch._dynamo.reset()
+    log(f"train: the compiled run failed ({err}): once more, eager")
+    res = fit_and_time(argparse.Namespace(**{**vars(args), "compile": False}), device, dtype, batches, deadline)
+    return dict(res, compile_error=err)
+
+
+def fit_and_time(args, device, dtype, batches, deadline):
+    """The largest batch that fits (descending list; out of memory: free, try the next), then train_steps; a
+    smaller model when even batch 1 does not fit."""
+    cuda = device.type == "cuda"
+    total = torch.cuda.get_device_properties(device).total_memory if cuda else None
+    names = [args.model] + (["smollm2-135m"] if args.model != "smollm2-135m" and cuda else [])
+    for i, name in enumerate(names):
+        model = None
+        try:
+            model = build(name, device, dtype, args.rank)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+        if model is not None:
+            g = torch.Generator().manual_seed(0)
+            for b in batches:
+                try:
+                    x = torch.randint(0, model.args.vocab_size, (b, args.seq_len + 1), generator=g).to(device)
+                    if cuda:  # eager forward + backward first: fails fast, and leaves room for compile's buffers
+                        torch.cuda.reset_peak_memory_stats(device)
+                        with autocast(device, dtype):
+                            loss = model(x[:, :-1], x[:, 1:])[1]
+                        loss.backward()
+                        del loss
+                        model.zero_grad(set_to_none=True)
+                        peak = torch.cuda.max_memory_allocated(device)
+                        if peak > 0.85 * total:
+                            raise torch.cuda.OutOfMemoryError(f"eager peak {peak / 2**30:.1f} GiB > 85 % of "
+                                                              f"{total / 2**30:.0f} GiB")
+                    log(f"train: {name}, batch {b} × {args.seq_len}")
+                    res = train_steps(model, x[:, :-1], x[:, 1:], dtype, args.compile, args.warmup, args.iters,
+                                      deadline)
+                    return dict(res, model=name, rank=args.rank)
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
+                    msg = str(e).splitlines()[0][:120]
+                model.zero_grad(set_to_none=True)  # outside `except`: the traceback no longer holds tensors
+                free(device)
+                torch._dynamo.reset()  # a fresh, static compile for the next batch size
+                log(f"train: {name} batch {b}: out of memory ({msg})")
+        del model
+        free(device)
+        if i + 1 < len(names):
+            log(f"train: {name} does not fit in {total / 2**30:.0f} GiB of GPU memory: "
+                f"using {names[i + 1]} shapes instead")
+    raise MemoryError(f"no model of {names} fits at batch {batches[-1]}")
+
+
+def suite_generate(args, device, dtype):
+    name = "tiny" if args.model == "tiny" else "smollm2-135m"
+    model = build(name, device, dtype).eval()
+    n = 32 if device.type == "cuda" else 4
+    lo, hi = args.seq_len // 4, args.seq_len // 2
+    log(f"generate: {name}, {n} prompts of {lo}-{hi} tokens, {args.beams} beams, {args.new_tokens} new tokens")
+    res = generate_speed(model, random_prompts(n, lo, hi, model.args.vocab_size), args.beams, args.new_tokens,
+                         device)
+    log(f"generate: batched {res['batched']:.2f} vs one by one {res['one_by_one']:.2f} examples/s: "
+        f"{res['ratio']:.1f}x")
+    return dict(res, model=name)
+
+
+def suite_refactor(args, device, deadline):
+    a = M.ModelArgs.from_name("tiny" if args.model == "tiny" else "llama-7b")
+    pairs = llama7b_pairs(a.n_layers, a.dim, a.hidden_dim, args.rank, device)
+    compile = args.compile and deadline - time.perf_counter() > 75  # a compile takes ~30-60 s
+    if args.compile and not compile:
+        log("refactor: under 75 s left in the time budget: the compiled row is skipped")
+    err = None
+    try:
+        res = refactor_steps(pairs, device, compile, args.warmup, args.iters)
+    except Exception as e:
+        if not compile:
+            raise
+        traceback.print_exc()
+        err = one_line(e)
+    if err:
+        torch._dynamo.reset()
+        log(f"refactor: the compiled run failed ({err}): eager rows only")
+        res = refactor_steps(pairs, device, False, args.warmup, args.iters)
+    log("refactor: " + ", ".join(f"{k} {v:.2f} ms" for k, v in res.items()))
+    return dict(pairs=len(pairs), rank=args.rank, ms=res, speedup={k: res["loop"] / v for k, v in res.items()},
+                compile_error=err)
+
+
+def verdict(value, target, at_most=True, unit=""):
+    if value is None:
+        return "n/a"
+    gap = value - target if at_most else target - value
+    return "met" if gap <= 0 else f"missed by {gap:.3g}{unit}"
+
+
+def summary(out):
+    """Rows (part, metric, value, target, verdict) of the markdown table, and the targets for the JSON."""
+    rows, targets = [], []
+    num = lambda v, f: "-" if v is None else format(v, f)
+
+    def row(part, metric, value, fmt, target=None, at_most=True, unit=""):
+        v = verdict(value, target, at_most, unit) if target is not None else ""
+        tgt = "" if target is None else f"{'≤' if at_most else '≥'} {target:.2g}{unit}"
+        rows.append((part, metric, num(value, fmt) + (unit if value is not None else ""), tgt, v))
+        if target is not None:
+            targets.append(dict(metric=f"{part}: {metric}", value=value, target=tgt, verdict=v))
+
+    for part, res in out["parts"].items():
+        if "error" in res or "skipped" in res:
+            rows.append((part, "error" if "error" in res else "skipped", res.get("error") or res["skipped"], "", ""))
+    for part, res in out["parts"].items():
+        if res.get("compile_error"):
+            rows.append((part, "compile failed, eager numbers", res["compile_error"], "", ""))
+    t = out["parts"].get("train", {})
+    if "methods" in t:
+        p = f"train {t['model']} b{t['batch_size']}×{t['seq_len']} {'compiled' if t['compile'] else 'eager'}"
+        for m, r in t["methods"].items():
+            row(p, f"{m} step", r["step_ms"], ".1f", unit=" ms")
+            row(p, f"{m} tokens/s", r["tokens_per_s"], ".0f")
+            row(p, f"{m} peak memory", r["peak_mem_mb"], ".0f", unit=" MB")
+        row(p, "lora MFU", None if t["methods"]["lora"]["mfu"] is None else 100 * t["methods"]["lora"]["mfu"], ".1f",
+            45, False, " %")
+        for m, tgt in (("reflora-s", 0.5), ("reflora", 2.0)):
+            row(p, f"{m} optimizer share of a lora step", t["methods"][m]["opt_share_pct"], "+.2f", tgt, unit=" %")
+            row(p, f"{m} step overhead", t["methods"][m]["step_overhead_pct"], "+.2f", unit=" %")
+        row(p, "reflora extra peak memory", t["methods"]["reflora"]["extra_mem_pct"], "+.2f", 0.5, unit=" %")
+        row(p, "reflora-s extra peak memory", t["methods"]["reflora-s"]["extra_mem_pct"], "+.2f", unit=" %")
+        row(p, "compiled vs eager loss, rel. diff", t["loss_rel_diff"], ".1e", 1e-2)
+    g = out["parts"].get("generate", {})
+    if "ratio" in g:
+        p = f"beam search {g['model']} {g['prompts']}×{g['beams']} beams"
+        row(p, "batched examples/s", g["batched"], ".2f")
+        row(p, "one by one examples/s", g["one_by_one"], ".2f")
+        row(p, "batched / one by one", g["ratio"], ".1f", 10, False, "×")
+    f = out["parts"].get("refactor", {})
+    if "ms" in f:
+        p = f"refactor {f['pairs']} pairs r={f['rank']}"
+        for k, ms in f["ms"].items():
+            row(p, f"{REFACTOR_ROWS[k]} ms ({f['speedup'][k]:.1f}× vs loop)", ms, ".2f")
+    c = {**out["parts"].get("S_check", {}), **out["parts"].get("step_check", {})}
+    p = "checks (device vs CPU)"
+    if "S_rel_err_device" in c:
+        row(p, "S̃ rel. error, device float32 vs CPU float64", c["S_rel_err_device"], ".1e",
+            max(1e-5, 10 * c["S_rel_err_cpu32"]))
+        row(p, "S̃ rel. error, CPU float32 vs CPU float64", c["S_rel_err_cpu32"], ".1e")
+        row(p, "balance residual ‖S̃AᵀAS̃ − BᵀB‖/‖BᵀB‖, device", c["balance_residual_device"], ".1e",
+            max(1e-5, 10 * c["balance_residual_cpu32"]))
+        row(p, "balance residual, CPU float32 / float64",
+            c["balance_residual_cpu32"], ".1e")
+    for m in ("reflora", "reflora-s"):
+        if f"{m}_step_rel_err" in c:
+            row(p, f"one {m} step, update rel. error", c[f"{m}_step_rel_err"], ".1e", 1e-4)
+    return rows, targets
+
+
+def markdown(rows):
+    lines = ["| part | metric | value | target | verdict |", "| --- | --- | --- | --- | --- |"]
+    return "\n".join(lines + [f"| {' | '.join(map(str, r))} |" for r in rows]) + "\n"
+
+
+def suite(args):
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = dict(versions=header(device), config=vars(args), parts={})
+    deadline = _T0 + args.budget
+    batches = [args.batch_size] if args.batch_size else [64, 48, 40, 32, 24, 16, 8, 4, 2, 1]
+    # cheap parts first; the training step leaves ~100 s for the refactor step after it
+    parts = [("S_check", lambda: check_S(device)),
+             ("step_check", lambda: check_steps(device, args.compile)),
+             ("generate", lambda: suite_generate(args, device, dtype)),
+             ("train", lambda: suite_train(args, device, dtype, batches, deadline - 100)),
+             ("refactor", lambda: suite_refactor(args, device, deadline))]
+    for name, fn in parts:
+        if time.perf_counter() > deadline:
+            out["parts"][name] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
+            log(f"--- {name}: skipped, time budget of {args.budget:.0f} s spent")
+            continue
+        log(f"--- {name}")
+        try:
+            out["parts"][name] = fn()
+        except Exception as e:
+            traceback.print_exc()
+            out["parts"][name] = {"error": one_line(e)}
+            log(f"--- {name}: failed: {out['parts'][name]['error']}")
+        free(device)
+        torch._dynamo.reset()  # each part compiles afresh: no shapes left over to make the next compile dynamic
+    out["elapsed_s"] = time.perf_counter() - _T0
+    rows, out["targets"] = summary(out)
+    out["markdown"] = markdown(rows)
+    print("\n" + out["markdown"])
+    log(f"suite done in {out['elapsed_s']:.0f} s")
+    return out
+
+# -----------------------------------------------------------------------------
+
+
+def write(path, text):  # to a temporary name, then renamed: no half-written file
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="store_true", help="every GPU number of the README (needs CUDA, or --device)")
     p.add_argument("--refactor", action="store_true", help="micro-benchmark of one refactor step")
     p.add_argument("--toy", action="store_true", help="the paper's matrix-factorization toy")
     p.add_argument("--toy_setting", default="paper", choices=list(TOY_SETTINGS), help="paper or normalized")
     p.add_argument("--generate", action="store_true", help="batched vs one-by-one beam search")
-    p.add_argument("--model", default="smollm2-135m", choices=list(M.PRESETS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--compare_dtypes", action="store_true", help="training step: float32 eager vs bfloat16")
+    p.add_argument("--model", default=None, choices=list(M.PRESETS),
+                   help="default smollm2-135m; llama-7b for --suite")
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default bfloat16 on CUDA and for --suite, else float32")
+    p.add_argument("--batch_size", type=int, default=None, help="default 8; --suite: the largest that fits")
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--pairs", type=int, default=160)
     p.add_argument("--beams", type=int, default=4)
     p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=None, help="default 3; 2 for --suite")
+    p.add_argument("--iters", type=int, default=None, help="default 20; 10 for --suite")
+    p.add_argument("--budget", type=float, default=450, help="--suite: seconds before the remaining parts are skipped")
     boolean = lambda s: {"true": True, "false": False}[s.lower()]  # noqa: E731
-    p.add_argument("--compile", type=boolean, default=torch.cuda.is_available(), help="True/False")
+    p.add_argument("--compile", type=boolean, default=None, help="True/False (default: True on CUDA)")
     p.add_argument("--grad_checkpoint", type=boolean, default=False,
                    help="True/False: recompute activations in backward")
-    p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--json", default="", help="write the results here (--suite: and a markdown table beside it)")
     p.add_argument("--png", default="")
     args = p.parse_args(argv)
-    if args.toy:
+    if args.suite and args.device is None and not torch.cuda.is_available():
+        print("bench.py --suite: no CUDA device here, nothing to measure (a CPU dry run: --suite --device=cpu "
+              "--model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 --new_tokens=4 --compile=False)")
+        return 0
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device.startswith("cuda")
+    args.model = args.model or ("llama-7b" if args.suite else "smollm2-135m")
+    args.dtype = args.dtype or ("bfloat16" if args.suite or cuda else "float32")
+    args.compile = cuda if args.compile is None else args.compile
+    args.warmup = args.warmup if args.warmup is not None else 2 if args.suite else 3
+    args.iters = args.iters or (10 if args.suite else 20)
+    if not args.suite:
+        args.batch_size = args.batch_size or 8
+    if args.suite:
+        res = suite(args)
+    elif args.toy:
         res = bench_toy(args)
     elif args.refactor:
         res = bench_refactor(args)
     elif args.generate:
         res = bench_generate(args)
+    elif args.compare_dtypes:
+        res = compare_dtypes(args)
     else:
-        res = {"methods": bench_train(args)}
+        res = bench_train(args)
     if args.json:
-        out = dict(res, device=str(args.device), torch=torch.__version__, config=vars(args))
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        out = res if args.suite else dict(res, device=str(args.device), torch=torch.__version__, config=vars(args))
+        write(args.json, json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
+        if args.suite:
+            md = os.path.splitext(args.json)[0] + ".md"
+            write(md, res["markdown"])
+            print(f"wrote {md}")
+    return 0
 
 
 if __name__ == "__main__":

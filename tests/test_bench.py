@@ -1,0 +1,114 @@
+"""Tests of bench.py's --suite on CPU (the code path the one GPU run takes, with the `tiny` preset and compile off):
+every part gives numbers and no error; no CUDA means one line and exit 0; the out-of-memory fallback of the
+batch search; the verdicts beside the targets."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+
+torch.set_num_threads(1)
+
+DRY_RUN = ["--suite", "--device=cpu", "--model=tiny", "--batch_size=2", "--seq_len=32", "--iters=1", "--warmup=1",
+           "--new_tokens=2", "--compile=False"]
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def test_suite_dry_run_on_cpu(tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    assert bench.main(DRY_RUN + [f"--json={out}"]) == 0
+    res = json.loads(out.read_text())
+    assert res["versions"]["torch"] == torch.__version__ and res["versions"]["device"] == "cpu"
+    parts = res["parts"]
+    assert set(parts) == {"S_check", "step_check", "generate", "train", "refactor"}
+    for name, part in parts.items():
+        assert "error" not in part and "skipped" not in part, (name, part)
+    # training step: every method timed, the overheads and the compiled-vs-eager loss check present
+    t = parts["train"]
+    assert (t["model"], t["batch_size"], t["seq_len"], t["rank"]) == ("tiny", 2, 32, 32)
+    assert set(t["methods"]) == {"lora", "reflora", "reflora-s"}
+    for m, r in t["methods"].items():
+        assert r["step_ms"] > 0 and r["opt_ms"] > 0 and r["tokens_per_s"] > 0, m
+    for m in ("reflora", "reflora-s"):
+        assert finite(t["methods"][m]["opt_share_pct"]) and finite(t["methods"][m]["step_overhead_pct"])
+    assert finite(t["loss_eager"]) and t["loss_rel_diff"] == 0  # compile off: the same eager forward twice
+    g = parts["generate"]
+    assert g["batched"] > 0 and g["one_by_one"] > 0 and finite(g["ratio"])
+    f = parts["refactor"]
+    assert f["pairs"] == 10 and set(f["ms"]) == {"loop", "eager", "rescale"}  # tiny: 2 layers × 5; no compile
+    assert all(v > 0 for v in f["ms"].values())
+    c = {**parts["S_check"], **parts["step_check"]}
+    # on the CPU the "device" is the CPU: S̃ in float32 close to float64, balanced, and the two steps identical
+    assert c["S_rel_err_device"] == c["S_rel_err_cpu32"] < 1e-4
+    assert c["balance_residual_device"] < 1e-4 and c["balance_residual_cpu64"] < 1e-12
+    assert c["reflora_step_rel_err"] == 0 and c["reflora-s_step_rel_err"] == 0
+    # the markdown table beside the JSON, with every target and its verdict
+    md = (tmp_path / "suite.md").read_text()
+    assert md == res["markdown"] and "| part | metric |" in md
+    targets = {x["metric"].split(": ")[1]: x for x in res["targets"]}
+    assert {"lora MFU", "reflora-s optimizer share of a lora step", "reflora optimizer share of a lora step",
+            "reflora extra peak memory", "batched / one by one"} <= set(targets)
+    assert targets["lora MFU"]["verdict"] == "n/a"  # no peak FLOPs for a CPU
+    assert "| batched / one by one |" in capsys.readouterr().out
+
+
+def test_suite_without_cuda_says_so_and_exits_0(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--suite"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0]
+
+
+def test_batch_search_falls_back_on_out_of_memory(monkeypatch):
+    """Batches that run out of memory are skipped, the next one is tried; none fitting is an error."""
+    tried = []
+
+    def fake_steps(model, tokens, targets, *a, **k):
+        tried.append(tokens.shape[0])
+        if tokens.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return {"batch_size": tokens.shape[0]}
+
+    monkeypatch.setattr(bench, "train_steps", fake_steps)
+    args = bench.argparse.Namespace(model="tiny", rank=4, seq_len=8, compile=False, warmup=1, iters=1)
+    res = bench.suite_train(args, torch.device("cpu"), torch.float32, [8, 4, 2, 1], deadline=None)
+    assert tried == [8, 4, 2] and res["batch_size"] == 2 and res["model"] == "tiny"
+    tried.clear()
+    with pytest.raises(MemoryError):
+        bench.suite_train(args, torch.device("cpu"), torch.float32, [8, 4], deadline=None)
+    assert tried == [8, 4]
+
+    def other_error(*a, **k):  # anything but out of memory is not swallowed
+        raise ValueError("shape mismatch")
+
+    monkeypatch.setattr(bench, "train_steps", other_error)
+    with pytest.raises(ValueError):
+        bench.suite_train(args, torch.device("cpu"), torch.float32, [8, 4], deadline=None)
+
+
+def test_failed_compile_falls_back_to_eager(monkeypatch):
+    """A compiled training step that fails (not for memory) is run once more in eager mode, the error kept."""
+    def steps(model, tokens, targets, dtype, compile, *a, **k):
+        if compile:
+            raise RuntimeError("InductorError: something new\nmore lines")
+        return {"batch_size": tokens.shape[0], "compile": compile}
+
+    monkeypatch.setattr(bench, "train_steps", steps)
+    args = bench.argparse.Namespace(model="tiny", rank=4, seq_len=8, compile=True, warmup=1, iters=1)
+    res = bench.suite_train(args, torch.device("cpu"), torch.float32, [2], deadline=None)
+    assert res["compile"] is False and res["compile_error"] == "RuntimeError: InductorError: something new"
+
+
+def test_verdicts():
+    assert bench.verdict(0.4, 0.5) == "met" and bench.verdict(0.7, 0.5, unit=" %") == "missed by 0.2 %"
+    assert bench.verdict(12.0, 10, at_most=False) == "met"
+    assert bench.verdict(7.5, 10, at_most=False, unit="×") == "missed by 2.5×"
+    assert bench.verdict(None, 1) == "n/a" and bench.verdict(float("nan"), 1).startswith("missed")
