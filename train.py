@@ -286,8 +286,8 @@ def load_data(cfg, data_dir, log):
 # -----------------------------------------------------------------------------
 # model: LLaMA + LoRA (+ a float32 linear head for glue)
 
-from model import add_lora, generate, load_adapter, load_model, lora_state_dict, merge_lora, \
-    resolve_checkpoint, save_adapter  # noqa: E402
+from checkpoint import load_adapter, load_model, resolve_checkpoint, save_adapter  # noqa: E402
+from model import add_lora, generate, lora_state_dict, merge_lora  # noqa: E402
 from reflora import RefLoRA, local  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
