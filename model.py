@@ -137,10 +137,13 @@ class Attention(nn.Module):
             ck, cv = self.cache
             ck[:, :, start_pos:start_pos + T], cv[:, :, start_pos:start_pos + T] = k, v
             k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
-        if (n_rep := self.n_heads // self.n_kv_heads) > 1:  # GQA: query head j reads kv head j // n_rep
+        # GQA: query head j reads kv head j // (n_heads / n_kv_heads); SDPA's enable_gqa does it without copies
+        # (CPU: every path; CUDA: flash, not the mem-efficient kernel a mask needs, so copies there as
+        # transformers' use_gqa_in_sdpa does rather than fall back to the math kernel)
+        if mask is not None and q.is_cuda and (n_rep := self.n_heads // self.n_kv_heads) > 1:
             k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
         # y = softmax(q kᵀ / √hd + mask) v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

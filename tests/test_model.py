@@ -295,6 +295,34 @@ def test_kv_cache_equals_recompute():
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-12)
 
 
+def test_gqa_equals_repeated_kv_heads(monkeypatch):
+    """SDPA's enable_gqa == the explicit copies (query head j reads kv head j // n_rep): prefill with and without
+    a padding mask, and cached decode."""
+    m = rand_model(small_args(n_heads=8, n_kv_heads=2))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+
+    def run():
+        m.setup_cache(2, 8)
+        with torch.no_grad():
+            cached = [m(TOKENS[:, :3])[0]] + [m(TOKENS[:, t:t + 1], start_pos=t)[0] for t in range(3, 8)]
+            padded = m(TOKENS, attn_mask=mask)[0]
+        m.clear_cache()
+        return torch.cat(cached, 1), padded
+
+    ours, sdpa, seen = run(), F.scaled_dot_product_attention, []
+
+    def repeated(q, k, v, enable_gqa=False, **kw):
+        seen.append(k.shape[1])
+        n_rep = q.shape[1] // k.shape[1]
+        return sdpa(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), **kw)
+
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", repeated)
+    ref = run()
+    assert set(seen) == {2}  # the model passed 2 kv heads, not copies
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------
 # Generation
 
