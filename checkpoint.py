@@ -153,16 +153,39 @@ def _read_meta(d):
     return args, sd
 
 
+def _check_hf_config(f, cfg):
+    """config.json values of the kind ModelArgs needs, head counts that divide; else one line naming f and the key."""
+    name = {m: hf for m, hf, _ in CONFIG}
+    for m, key in name.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if m == "tie_word_embeddings":
+            ok, want = isinstance(v, bool), "true or false"
+        else:  # bool is an int to Python: not here
+            ok = not isinstance(v, bool) and isinstance(v, (int, float) if m in ("norm_eps", "rope_theta") else int)
+            ok, want = ok and v > 0, "a positive number" if m in ("norm_eps", "rope_theta") else "a positive integer"
+        if not ok:
+            raise CheckpointError(f"{f}: {key} = {v!r}, expected {want}")
+    dim, n, kv = (cfg[name[m]] for m in ("dim", "n_heads", "n_kv_heads"))
+    if dim % n or n % (kv or n):
+        raise CheckpointError(f"{f}: {name['n_heads']} = {n} must divide {name['dim']} = {dim}, and "
+                              f"{name['n_kv_heads']} = {kv} must divide it")
+
+
 def _read_hf(d):
     """config.json + model.safetensors, or shards with their index, or pytorch_model*.bin."""
     f = d / "config.json"
-    cfg = {"rms_norm_eps": 1e-6, **_json(f)}  # transformers' default eps
+    if not isinstance(cfg := _json(f), dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    cfg = {"rms_norm_eps": 1e-6, **cfg}  # transformers' default eps
     rs = cfg.get("rope_scaling") or {}
     if cfg.get("model_type") not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias") or \
             rs and rs.get("rope_type", rs.get("type")) != "llama3":
         raise CheckpointError(f"{f}: not a LLaMA model (model_type, attention_bias, mlp_bias or rope_scaling)")
     if missing := [hf for _, hf, _ in CONFIG[:6] if hf not in cfg]:
         raise CheckpointError(f"{f}: missing {missing}")
+    _check_hf_config(f, cfg)
     args = ModelArgs(**{m: cfg[hf] for m, hf, _ in CONFIG if hf in cfg}, use_scaled_rope=bool(rs),
                      **{m: rs[k] for k, m in ROPE_SCALING.items() if k in rs})
     if cfg.get("head_dim", args.head_dim) != args.head_dim:

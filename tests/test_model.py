@@ -566,6 +566,18 @@ def test_bad_checkpoints(tmp_path):
     one_line_error(ValueError, lambda: C.load_model("llama2-7b"), "ships no weights")
 
 
+@pytest.mark.parametrize("bad, match", [
+    (dict(hidden_size="32"), "hidden_size = '32'"), (dict(num_attention_heads=0), "num_attention_heads = 0"),
+    (dict(num_attention_heads=5), "num_attention_heads = 5 must divide hidden_size = 32"),
+    (dict(num_key_value_heads=3), "num_key_value_heads = 3"), (dict(rms_norm_eps=True), "rms_norm_eps = True"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings = 'no'"), ([], "not a JSON object")])
+def test_bad_hf_config_one_line(tmp_path, bad, match):
+    d = write_hf(tmp_path / "hf", rand_model(dtype=torch.float32))
+    cfg = {**hf_config(small_args()), **bad} if isinstance(bad, dict) else bad
+    (d / "config.json").write_text(json.dumps(cfg))
+    one_line_error(C.CheckpointError, lambda: C.load_model(d), str(d / "config.json"), match)
+
+
 def test_smollm2_fetch_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("REFLORA_CACHE", str(tmp_path))
 
