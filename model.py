@@ -1,6 +1,6 @@
 """
 What the network computes: the LLaMA family (ModelArgs, presets, the Transformer with its KV cache), hand-written
-LoRA, and generation (greedy, beam search). Weights get in and out through checkpoint.py.
+LoRA, and generation (greedy, sampling, beam search). Weights get in and out through checkpoint.py.
 
 References:
 1) Touvron et al., LLaMA (arXiv 2302.13971), Llama 2 (2307.09288); Llama 3 herd (2407.21783). Meta's reference
@@ -310,12 +310,14 @@ def lora_state_dict(model):
 
 
 # -----------------------------------------------------------------------------
-# Generation: batched greedy and beam search with a KV cache
+# Generation: batched greedy, sampling and beam search with a KV cache
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1):
-    """New tokens of each prompt (cut before EOS): greedy, or HF-style beam search (length_penalty 1.0)."""
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1, temperature=0.0, top_k=0, top_p=1.0,
+             generator=None, on_token=None):
+    """New tokens of each prompt (cut before EOS): greedy (temperature 0), sampling, or HF-style beam search
+    (length_penalty 1.0). on_token(row, token) is called as each kept token comes (not for beam search)."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     dev, training = model.tok_embeddings.weight.device, model.training
@@ -327,27 +329,46 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1):
     model.setup_cache(B, L + max_new_tokens)
     try:
         logits = model(tokens, attn_mask=mask[:, :L])[0][:, -1]
-        if num_beams == 1:
-            return _greedy(model, logits, mask, L, max_new_tokens, eos_id)
-        return _beam_search(model, logits, mask, L, max_new_tokens, eos_id, pad_id, num_beams)
+        if num_beams > 1:
+            return _beam_search(model, logits, mask, L, max_new_tokens, eos_id, pad_id, num_beams)
+        pick = (lambda lg: lg.argmax(-1)) if temperature == 0 else \
+            (lambda lg: sample_next(lg, temperature, top_k, top_p, generator))
+        return _decode(model, logits, mask, L, max_new_tokens, eos_id, pick, on_token)
     finally:
         model.clear_cache()
         model.train(training)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of logits (B, V), drawn from softmax(logits / temperature) restricted to the top_k most
+    likely (0: all) and to the nucleus, the fewest most likely tokens whose probability reaches top_p (Holtzman
+    et al., arXiv 1904.09751); a torch.Generator on the logits' device makes the draw reproducible."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        p, idx = logits.softmax(-1).sort(-1, descending=True)
+        late = p.cumsum(-1) - p >= top_p  # mass before the token already reaches top_p (the first never is late)
+        logits = logits.masked_fill(late.scatter(-1, idx, late), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def _step(model, tok, mask, L, t):  # logits after feeding new token t (one per row) through the cache
     return model(tok[:, None], attn_mask=mask[:, : L + t + 1], start_pos=L + t)[0][:, -1]
 
 
-def _greedy(model, logits, mask, L, max_new, eos_id):
-    """Argmax each step; a finished row keeps decoding (batched) but its tokens are dropped."""
+def _decode(model, logits, mask, L, max_new, eos_id, pick, on_token=None):
+    """pick(logits) -> next token per row (argmax: greedy); a finished row keeps decoding (batched), tokens dropped."""
     out, done = [[] for _ in range(len(logits))], [False] * len(logits)
     for t in range(max_new):
-        nxt = logits.argmax(-1)
+        nxt = pick(logits)
         for b, tok in enumerate(nxt.tolist()):
             done[b] = done[b] or tok == eos_id
             if not done[b]:
                 out[b].append(tok)
+                if on_token:
+                    on_token(b, tok)
         if all(done) or t == max_new - 1:
             break
         logits = _step(model, nxt, mask, L, t)
