@@ -13,6 +13,7 @@ top_k / top_p. Chat templates are recognised by family and formatted by hand (no
 References: karpathy/nanoGPT's sample.py (shape of the file, plain config values with --name=value overrides);
 Hugging Face chat templates (tokenizer_config.json "chat_template", GGUF "tokenizer.chat_template").
 """
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -149,7 +150,8 @@ def main(argv=None):
         ckpt = resolve_checkpoint(cfg["init_from"])
         model = load_model(cfg["init_from"], dtype=torch.float32, device=cfg["device"])
         if cfg["out_dir"]:
-            load_adapter(model, cfg["out_dir"])
+            with contextlib.redirect_stdout(sys.stderr):  # add_lora's summary line: stdout is for the answer
+                load_adapter(model, cfg["out_dir"])
         tok = load_tokenizer(cfg["tokenizer"] or ckpt or "bytes")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
