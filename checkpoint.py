@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -108,10 +109,14 @@ def _fsync(path):
 def read_state(path):
     """state.pt as a dict, or one line naming the file (damaged, truncated, empty, not ours)."""
     try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            st = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found") from None
     except Exception as e:  # random bytes, a truncated zip, a refused pickle: torch raises many kinds
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: refusing to unpickle it: not a plain tensor checkpoint") from None
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {_first(e)})") from None
     need = ("iter_num", "config", "best_val", "rng", "optimizer", "scheduler", "lora", "head")
     if not isinstance(st, dict) or any(k not in st for k in need) or not isinstance(st["config"], dict):
