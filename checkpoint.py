@@ -139,7 +139,7 @@ def load_checkpoint(path, cfg, model, clf, opt, sched, may_change=()):
         if k in saved and k not in may_change and saved[k] != cfg[k]:
             raise ValueError(f"--resume: --{k}={cfg[k]!r}, but {path} was saved with {k}={saved[k]!r}, and {k} "
                              "cannot change on resume (README: Resume rules)")
-    changed = {k: (saved[k], cfg[k]) for k in may_change if k in saved and k in cfg and saved[k] != cfg[k]}
+    changed = {k: (saved[k], cfg[k]) for k in cfg if k in may_change and k in saved and saved[k] != cfg[k]}
     head = {} if clf is None else clf.head.state_dict()
     ours = {**lora_state_dict(model), **{"head." + k: v for k, v in head.items()}}
     try:
