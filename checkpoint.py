@@ -20,15 +20,17 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from model import PRESETS, LoRALinear, ModelArgs, Transformer, add_lora, lora_state_dict
 from reflora import local
@@ -445,41 +447,217 @@ def restore_rng(st, rank, world, dev):
         torch.cuda.set_rng_state(rng["cuda"], dev)
 
 
+# A save is crash-safe at every point: (1) out_dir/.tmp is emptied and every file is written there and fsynced,
+# the manifest (checkpoint.json: iter, file sizes) last; (2) .tmp is renamed to .new: the checkpoint is committed;
+# (3) its files are renamed into out_dir, the manifest last, and .new removed. recover(), run first by every save,
+# resume and --eval_only, discards a .tmp (a save that died in 1: the previous checkpoint is untouched) and rolls
+# a .new forward (a save that died in 3), so out_dir always ends up holding one complete checkpoint.
+MANIFEST = "checkpoint.json"
+FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "state.pt", MANIFEST)
+
+
 def save_checkpoint(out_dir, model, lora, head, state):
-    """Each file is written to out_dir/.tmp, then os.replace'd; state.pt goes last and holds its own copy of
-    the LoRA (and head) tensors, so a crash at any point leaves a consistent, loadable checkpoint."""
-    out, tmp = Path(out_dir), Path(out_dir) / ".tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    """The PEFT adapter (+ head.safetensors) and state.pt (with its own copy of the LoRA and head tensors)."""
+    out = Path(out_dir)
+    recover(out)
+    tmp = out / ".tmp"
+    tmp.mkdir()
     save_adapter(model, tmp, lora)
     if head is not None:
         save_file({k: v.contiguous() for k, v in head.items()}, tmp / "head.safetensors")
-    for f in tmp.iterdir():
-        os.replace(f, out / f.name)
     torch.save(dict(state, lora=lora, head=head), tmp / "state.pt")
-    os.replace(tmp / "state.pt", out / "state.pt")
-    tmp.rmdir()
+    sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps(dict(iter=state["iter_num"], files=sizes)))
+    for f in [*sizes, MANIFEST, "."]:
+        _fsync(tmp / f)
+    os.rename(tmp, out / ".new")  # the commit
+    _fsync(out)
+    recover(out)
+
+
+def recover(out_dir):
+    """Finish a committed save (.new) that a crash interrupted; discard an uncommitted one (.tmp)."""
+    out = Path(out_dir)
+    new = out / ".new"
+    if (new / MANIFEST).is_file():
+        for f in sorted(new.iterdir(), key=lambda f: f.name == MANIFEST):  # the manifest last
+            os.replace(f, out / f.name)
+        _fsync(out)
+    for d in (new, out / ".tmp"):
+        if d.exists():
+            shutil.rmtree(d)
+
+
+def verify_checkpoint(out_dir):
+    """-> the manifest's iter (None without one, an older out_dir); a missing or resized file is one line."""
+    out = Path(out_dir)
+    if not (out / MANIFEST).is_file():
+        return None
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+        it, files = int(m["iter"]), dict(m["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{out / MANIFEST}: cannot read ({type(e).__name__}: {e})") from None
+    for name, size in files.items():
+        f = out / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {out / MANIFEST}, checkpoint of iter {it})")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {out / MANIFEST} says {size}: damaged")
+    return it
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_state(path):
+    """state.pt as a dict, or one line naming the file (damaged, truncated, empty, not ours)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols on stderr
+            warnings.simplefilter("ignore")
+            st = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: not found") from None
+    except Exception as e:  # random bytes, a truncated zip, a refused pickle: torch raises many kinds
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"{path}: refusing to unpickle it: not a plain tensor checkpoint") from None
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {_first(e)})") from None
+    need = ("iter_num", "config", "best_val", "rng", "optimizer", "scheduler", "lora", "head")
+    if not isinstance(st, dict) or any(k not in st for k in need) or not isinstance(st["config"], dict):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (expected a dict with {', '.join(need)})")
+    return st
+
+
+def _first(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 @torch.no_grad()
-def load_checkpoint(path, cfg, model, clf, opt, sched):
-    """Restore LoRA (+ head), optimizer (RefLoRA state included) and scheduler from state.pt; -> the state dict."""
-    st = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("task", "glue_task", "init_from", "method", "lora_r", "lora_alpha", "lora_targets", "batch_size", "seed"):
-        if st["config"][k] != cfg[k]:
-            raise ValueError(f"--resume: {k}={cfg[k]!r}, but {path} was trained with {st['config'][k]!r}")
+def load_checkpoint(path, cfg, model, clf, opt, sched, may_change=()):
+    """Restore LoRA (+ head), optimizer (RefLoRA state included) and scheduler from state.pt; -> (the state dict,
+    the settings that changed). Settings in may_change take effect (lr and weight decay set in the optimizer, the
+    schedule rebuilt at the saved step); any other saved setting that differs from cfg is refused, naming the flag."""
+    st = read_state(path)
+    saved = st["config"]
+    for k in cfg:
+        if k in saved and k not in may_change and saved[k] != cfg[k]:
+            raise ValueError(f"--resume: --{k}={cfg[k]!r}, but {path} was saved with {k}={saved[k]!r}, and {k} "
+                             "cannot change on resume (README: Resume rules)")
+    changed = {k: (saved[k], cfg[k]) for k in cfg if k in may_change and k in saved and saved[k] != cfg[k]}
     head = {} if clf is None else clf.head.state_dict()
     ours = {**lora_state_dict(model), **{"head." + k: v for k, v in head.items()}}
-    theirs = {**st["lora"], **{"head." + k: v for k, v in (st["head"] or {}).items()}}
-    if theirs.keys() != ours.keys() or any(theirs[k].shape != v.shape for k, v in ours.items()):
-        raise ValueError(f"{path}: its LoRA (and head) tensors do not match the model's")
+    try:
+        theirs = {**st["lora"], **{"head." + k: v for k, v in (st["head"] or {}).items()}}
+        ok = theirs.keys() == ours.keys() and all(theirs[k].shape == v.shape for k, v in ours.items())
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: its LoRA (and head) tensors do not match the model's")
+    try:
+        opt.load_state_dict(st["optimizer"])
+        it = int(st["iter_num"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: optimizer state does not fit ({type(e).__name__}: {_first(e)})") from None
     for k, v in ours.items():
         local(v).copy_(local(_shard_like(theirs[k], v)))
-    opt.load_state_dict(st["optimizer"])
     for p, s in opt.state.items():
         if hasattr(p, "device_mesh"):  # FSDP2: the saved full Adam moments -> this rank's shards
             s.update({k: _shard_like(t, p) for k, t in s.items() if k != "step"})
-    sched.load_state_dict(st["scheduler"])
-    return st
+    # the given lr and weight decay, and the schedule (built from the given max_iters, warmup_steps) at step it
+    for g in opt.param_groups:
+        g["initial_lr"], g["weight_decay"] = cfg["lr"], cfg["weight_decay"]
+    sched.base_lrs, sched.last_epoch = [cfg["lr"]] * len(opt.param_groups), it
+    for g, f in zip(opt.param_groups, sched.lr_lambdas):
+        g["lr"] = cfg["lr"] * f(it)  # LambdaLR.get_lr
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+    return st, changed
+
+
+def read_head(out_dir, head):
+    """out_dir/head.safetensors into the classifier head (nn.Linear), or one line naming the file."""
+    f = Path(out_dir) / "head.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: not found (no trained classifier head to evaluate)")
+    try:
+        sd = load_file(f)
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot read ({type(e).__name__}: {_first(e)})") from None
+    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in sd.items()} != want:
+        got = {k: tuple(v.shape) for k, v in sd.items()}
+        raise CheckpointError(f"{f}: tensors {got}, the head of this task needs {want} (another task's head?)")
+    head.load_state_dict(sd)
+
+
+def trim_log(path, it):
+    """Drop the records of log.jsonl past iteration it (written after the checkpoint a resume starts from)."""
+    p = Path(path)
+    if not p.is_file():
+        return
+    keep = []
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if not (isinstance(rec, dict) and isinstance(rec.get("iter"), int) and rec["iter"] > it):
+            keep.append(line)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, p)
+
+
+# one run per out_dir: out_dir/.lock holds "host pid"; a lock whose process is gone (same host) is taken over
+LOCK = ".lock"
+
+
+def lock_out_dir(out_dir):
+    f, me = Path(out_dir) / LOCK, f"{socket.gethostname()} {os.getpid()}"
+    mine = f.with_name(f"{LOCK}.{os.getpid()}")
+    mine.write_text(me)  # complete before it becomes the lock: a reader never sees a half-written one
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, f)  # atomic, fails if a lock exists
+                return
+            except FileExistsError:
+                host, _, pid = f.read_text().strip().partition(" ") if f.is_file() else ("", "", "")
+            if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
+                raise ValueError(f"--out_dir={out_dir}: in use by the run of process {pid} ({f}); use another "
+                                 "--out_dir, or wait for it to end")
+            if host and host != socket.gethostname():
+                raise ValueError(f"--out_dir={out_dir}: in use by process {pid} on {host} ({f}); delete {f} if "
+                                 "that run is gone")
+            f.unlink(missing_ok=True)  # stale: its process is gone
+        raise ValueError(f"--out_dir={out_dir}: cannot take {f}")
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def unlock_out_dir(out_dir):
+    f = Path(out_dir) / LOCK
+    try:
+        if f.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            f.unlink()
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    if pid == os.getpid():
+        return False  # ours, left by an earlier run in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _shard_like(full, p):

@@ -21,10 +21,11 @@ with EOS and cutoff_len, 120 held-out examples, beam search 4 / 32 new tokens; H
 get_linear_schedule_with_warmup, grad-norm clip 1.0, loss averaged over the accumulation steps.
 The evaluation protocols live in evaluate.py, the training-state checkpoint (state.pt) in checkpoint.py.
 """
-import ast
 import json
 import os
+import re
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -33,19 +34,18 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
-from checkpoint import load_adapter, load_checkpoint, load_model, resolve_checkpoint, restore_rng, save_adapter, \
-    save_checkpoint, training_state
-from data.commonsense.prepare import load_train
+from checkpoint import FILES as CHECKPOINT_FILES, load_adapter, load_checkpoint, load_model, lock_out_dir, read_head, \
+    recover, resolve_checkpoint, restore_rng, save_adapter, save_checkpoint, training_state, trim_log, unlock_out_dir, \
+    verify_checkpoint
+from configurator import check, configure, fail
+from data.commonsense.prepare import DATASETS, load_train
 from data.glue.prepare import TASKS as GLUE_TASKS, glue_path, read_glue
 from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, evaluate, \
     evaluate_glue, hms, lm_batch, val_loss
 from model import add_lora, generate, lora_state_dict, merge_lora
 from reflora import RefLoRA, local
 from tokenizer import load_tokenizer
-
-ROOT = Path(__file__).resolve().parent
 
 ROOT = Path(__file__).resolve().parent
 
@@ -89,7 +89,8 @@ grad_clip = 1.0
 # system and logging
 log_interval = 10
 eval_interval = 50  # validation loss + checkpoint every this many steps (and at the end)
-resume = False
+resume = False  # continue the run in out_dir from its state.pt (README: Resume rules)
+overwrite = False  # start a new run in an out_dir that holds a checkpoint, replacing it
 eval_only = False
 seed = 42
 device = "auto"  # auto | cpu | cuda | cuda:N
@@ -112,99 +113,68 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss: main() prints it as one line and exits 1."""
 
 
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM: main() prints one line and exits 128 + the signal number (130, 143). In the training loop
+    the first one stops after the current step and saves a checkpoint; elsewhere it stops at once."""
+
+    def __init__(self, signum, saved=False):
+        super().__init__(signum)
+        self.signum, self.saved, self.run = signum, saved, None
+
+
+SIGNALS = SimpleNamespace(armed=False, got=None)  # armed: inside the training loop
+
+
+def _on_signal(signum, frame):
+    if SIGNALS.armed and SIGNALS.got is None:
+        SIGNALS.got = signum  # the loop finishes the step, saves, then raises Interrupted
+    else:
+        raise Interrupted(signum)
+
+
 # -----------------------------------------------------------------------------
-# configuration
+# configuration: configurator.py casts and merges; the checks below run before anything is written
 
-
-def _fail(msg):
-    print(f"train.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _cast(key, value, where):
-    """A CLI string (or a config-file literal) as the type of the key's default."""
-    if key not in DEFAULTS:
-        _fail(f"{where}: unknown config key {key!r}")
-    want = type(DEFAULTS[key])
-    try:
-        if isinstance(value, str) and want is not str:
-            if want is bool:
-                if value not in ("True", "False"):
-                    raise ValueError
-                value = value == "True"
-            elif want is tuple:
-                value = tuple(s.strip() for s in value.split(",") if s.strip())
-            else:
-                value = want(value)
-        if want is float and type(value) is int:
-            value = float(value)
-        if want is tuple and isinstance(value, list):
-            value = tuple(value)
-        if type(value) is not want or (want is tuple and not all(isinstance(s, str) for s in value)):
-            raise ValueError
-    except ValueError:
-        _fail(f"{where}: {key}={value!r} is not a valid {want.__name__}")
-    return value
-
-
-def _read_config_file(path):
-    """`name = literal` assignments (and a docstring) of a config/*.py file, without executing it."""
-    p = Path(path) if Path(path).exists() else ROOT / path
-    if not p.is_file():
-        _fail(f"config file {path} not found")
-    try:
-        tree = ast.parse(p.read_text(), filename=str(p))
-    except SyntaxError as e:
-        _fail(f"{p}:{e.lineno}: {e.msg}")
-    out = {}
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            continue  # docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            _fail(f"{p}:{node.lineno}: only `name = literal` assignments are allowed")
-        try:
-            value = ast.literal_eval(node.value)
-        except ValueError:
-            _fail(f"{p}:{node.lineno}: the value of {node.targets[0].id} is not a literal")
-        out[node.targets[0].id] = _cast(node.targets[0].id, value, f"{p}:{node.lineno}")
-    return out
+INF = float("inf")
+RULES = [((k,), lambda v, o=o: v in o, f"expected one of {', '.join(o)}") for k, o in CHOICES.items()] + [
+    (("lora_r", "batch_size", "micro_batch_size", "cutoff_len", "eval_batch_size", "num_beams", "max_new_tokens",
+      "log_interval", "reflora_interval"), lambda v: v >= 1, "must be >= 1"),
+    (("max_iters", "stop_iter", "epochs", "eval_limit", "warmup_steps", "reflora_warmup", "eval_interval",
+      "val_set_size"), lambda v: v >= 0, "must be >= 0"),
+    (("lr", "lora_alpha", "grad_clip"), lambda v: 0 < v < INF, "must be a finite number > 0"),
+    (("weight_decay",), lambda v: 0 <= v < INF, "must be a finite number >= 0"),
+    (("lora_dropout",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (("device",), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "expected auto, cpu, cuda or cuda:N"),
+]
+# --resume=True: these may differ from the checkpoint's config and take effect (the lr schedule is rebuilt from
+# them); every other saved setting (model, tokenizer, LoRA, method, batch sizes, seed, task, data) must be equal
+MAY_CHANGE = {"lr", "weight_decay", "grad_clip", "max_iters", "epochs", "stop_iter", "warmup_steps", "log_interval",
+              "eval_interval", "eval_sets", "eval_limit", "eval_batch_size", "num_beams", "max_new_tokens",
+              "out_dir", "resume", "overwrite", "eval_only", "device", "dtype", "compile", "backend", "fsdp",
+              "grad_checkpoint"}
 
 
 def parse_config(argv):
-    """Defaults, then config files (positional) and --name=value flags in order -> the resolved dict."""
-    given = {}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\nconfig keys and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
-            sys.exit(0)
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                _fail(f"{arg}: expected --name=value")
-            given[key] = _cast(key, value, f"--{key}")
-        else:
-            given.update(_read_config_file(arg))
-    cfg = {**DEFAULTS, **given}
+    """Defaults, then config files (positional) and --name=value flags in order -> the resolved, checked dict."""
+    cfg, given = configure(argv, DEFAULTS, __doc__)
     if cfg["task"] == "glue":
         cfg.update({k: v for k, v in GLUE_DEFAULTS.items() if k not in given})
-    for k, options in CHOICES.items():
-        if cfg[k] not in options:
-            _fail(f"--{k}={cfg[k]}: expected one of {', '.join(options)}")
-    for k in ("lora_r", "batch_size", "micro_batch_size", "cutoff_len", "eval_batch_size", "num_beams",
-              "log_interval", "reflora_interval"):
-        if cfg[k] < 1:
-            _fail(f"--{k}={cfg[k]}: must be >= 1")
-    for k in ("max_iters", "stop_iter", "epochs", "eval_limit", "warmup_steps", "reflora_warmup", "eval_interval"):
-        if cfg[k] < 0:
-            _fail(f"--{k}={cfg[k]}: must be >= 0")
+    check(cfg, RULES)
     if cfg["batch_size"] % cfg["micro_batch_size"]:
-        _fail(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size={cfg['micro_batch_size']}")
+        fail(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size={cfg['micro_batch_size']}")
     bad = [t for t in cfg["lora_targets"] if t not in TARGETS] or ([] if cfg["lora_targets"] else ["(none)"])
     if bad:
-        _fail(f"--lora_targets: unknown {','.join(bad)} (expected names from {','.join(TARGETS)})")
+        fail(f"--lora_targets: unknown {','.join(bad)} (expected names from {','.join(TARGETS)})")
+    bad = [n for n in cfg["eval_sets"] if n not in DATASETS]
+    if bad:
+        fail(f"--eval_sets: unknown {','.join(bad)} (expected names from {','.join(DATASETS)})")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device={cfg['device']}: this torch ({torch.__version__}) sees no CUDA device")
+    if cfg["device"].startswith("cuda:") and int(cfg["device"][5:]) >= torch.cuda.device_count():
+        fail(f"--device={cfg['device']}: only {torch.cuda.device_count()} CUDA device(s)")
+    if cfg["resume"] and cfg["overwrite"]:
+        fail("--resume=True and --overwrite=True: choose one")
     return cfg
-
-
 
 
 # -----------------------------------------------------------------------------
@@ -238,7 +208,14 @@ def group_by_len(perm, lengths, batch_size, g, mega=50):
 
 
 def load_data(cfg, data_dir, log):
-    """-> (train records, validation records) of the task."""
+    """-> (train records, validation records) of the task; an unreadable file is one line naming it (or data_dir)."""
+    try:
+        return _load_data(cfg, data_dir, log)
+    except ValueError as e:
+        raise e if str(data_dir) in str(e) else ValueError(f"{data_dir}: {e}") from None
+
+
+def _load_data(cfg, data_dir, log):
     if cfg["task"] == "glue":
         train = read_glue(cfg["glue_task"], "train", data_dir)
         dev = read_glue(cfg["glue_task"], "dev_matched" if cfg["glue_task"] == "mnli" else "dev", data_dir)
@@ -339,34 +316,99 @@ def _fully_shard(net, model, clf, bf16):
 
 
 def train(cfg):
-    """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers."""
+    """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers.
+    Everything is checked (out_dir, model, data) before anything is written; out_dir is locked while it runs."""
     ddp, rank, world, dev = _setup(cfg)
     out_dir, log = Path(cfg["out_dir"]), (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    out_dir.mkdir(parents=True, exist_ok=True)
     log("config: " + json.dumps(cfg))
     if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
         raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
-    if cfg["resume"] and not (out_dir / "state.pt").is_file():
-        raise FileNotFoundError(f"--resume=True but {out_dir / 'state.pt'} does not exist")
+    _check_out_dir(cfg, out_dir)
     torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
     model, tok, clf = build(cfg, dev, dtype_of(cfg, dev))
     data_dir = resolve_data_dir(cfg)
-    if cfg["eval_only"]:
-        return _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log)
-
-    train_set, val_set = load_data(cfg, data_dir, log)
+    _check_against(cfg, model, tok, clf, data_dir)
+    train_set, val_set = load_data(cfg, data_dir, log) if not cfg["eval_only"] or clf is not None else ([], [])
     if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
         raise ValueError(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size × processes "
                          f"= {cfg['micro_batch_size']} × {world}")
     steps_per_epoch = len(train_set) // cfg["batch_size"]  # an epoch's last partial batch is dropped
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and not cfg["eval_only"]:
         raise ValueError(f"{data_dir}: {len(train_set)} training examples, fewer than one batch of {cfg['batch_size']}")
-    r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
-        cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok, clf=clf,
-        net=model if clf is None else clf, train_set=train_set, val_set=val_set, steps_per_epoch=steps_per_epoch,
-        total=cfg["max_iters"] or cfg["epochs"] * steps_per_epoch, per_rank=cfg["batch_size"] // world,
-        mb=cfg["micro_batch_size"], encode=encode_lm if clf is None else encode_cls, perms={},
-        it=0, best_val=float("inf"), last_saved=None)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock_out_dir(out_dir)
+    try:
+        if rank == 0:
+            recover(out_dir)  # a save that a crash interrupted: completed, or discarded
+            if cfg["overwrite"]:
+                for f in (*CHECKPOINT_FILES, "log.jsonl"):
+                    (out_dir / f).unlink(missing_ok=True)
+        if ddp:
+            torch.distributed.barrier()
+        if cfg["eval_only"]:
+            return _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
+        r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
+            cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok,
+            clf=clf, net=model if clf is None else clf, train_set=train_set, val_set=val_set, data_dir=data_dir,
+            steps_per_epoch=steps_per_epoch, total=cfg["max_iters"] or cfg["epochs"] * steps_per_epoch,
+            per_rank=cfg["batch_size"] // world, mb=cfg["micro_batch_size"],
+            encode=encode_lm if clf is None else encode_cls, perms={}, it=0, best_val=float("inf"), last_saved=None)
+        try:
+            return _train(r)
+        except Interrupted as e:
+            e.run = r
+            raise
+    finally:
+        if rank == 0:
+            unlock_out_dir(out_dir)
+
+
+def _check_out_dir(cfg, out_dir):
+    """out_dir can be a directory; a new run does not replace a checkpoint unasked; resume and eval_only find what
+    they read there."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out_dir={out_dir}: {p} is a file, not a directory")
+            break
+    pending = (out_dir / ".new" / CHECKPOINT_FILES[-1]).is_file()  # a committed save that recover() completes
+    saved = pending or (out_dir / "state.pt").is_file()
+    if cfg["resume"] and not saved:
+        raise FileNotFoundError(f"--resume=True: {out_dir / 'state.pt'} does not exist")
+    if not (cfg["resume"] or cfg["eval_only"] or cfg["overwrite"]) and saved:
+        raise ValueError(f"--out_dir={out_dir} holds a checkpoint ({out_dir / 'state.pt'}): continue it with "
+                         "--resume=True, or replace it with --overwrite=True (or use another --out_dir)")
+    if cfg["eval_only"]:
+        if not out_dir.is_dir():
+            raise FileNotFoundError(f"--eval_only=True: --out_dir={out_dir} does not exist (it reads the adapter "
+                                    "there; for the base model pass an empty directory)")
+        have = [f for f in ("adapter_config.json", "adapter_model.safetensors") if (out_dir / f).is_file()]
+        if len(have) == 1 and not pending:
+            raise FileNotFoundError(f"--eval_only=True: {out_dir / have[0]} without "
+                                    f"{({'adapter_config.json', 'adapter_model.safetensors'} - set(have)).pop()}")
+
+
+def _check_against(cfg, model, tok, clf, data_dir):
+    """The flags that depend on the model and the data: cutoff_len, max_new_tokens, eval_sets."""
+    n = model.args.max_seq_len
+    if cfg["cutoff_len"] > n:
+        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: more than the model's max_seq_len {n} ({cfg['init_from']})")
+    if clf is None and cfg["max_new_tokens"] >= n:
+        raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: leaves no room for the prompt in the model's "
+                         f"max_seq_len {n} ({cfg['init_from']})")
+    if clf is not None and cfg["cutoff_len"] < len(tok.encode(GLUE_SEP)) + 3:
+        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: a sentence pair needs at least "
+                         f"{len(tok.encode(GLUE_SEP)) + 3} tokens (BOS, one of each sentence, the separator)")
+    for name in cfg["eval_sets"] if clf is None else ():
+        if not (Path(data_dir) / "dataset" / name / "test.json").is_file():
+            raise FileNotFoundError(f"--eval_sets={','.join(cfg['eval_sets'])}: no test set {name} in {data_dir} "
+                                    f"({Path(data_dir) / 'dataset' / name / 'test.json'})")
+
+
+def _train(r):
+    cfg, model, clf, dev, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.dev, r.rank, r.world, r.log, r.out_dir
+    train_set, tok, data_dir = r.train_set, r.tok, r.data_dir
     r.accum = r.per_rank // r.mb
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
         _fully_shard(r.net, model, clf, dtype_of(cfg, dev) == torch.bfloat16)
@@ -386,15 +428,20 @@ def train(cfg):
 
     r.net.train()
     r.loss_sum, r.t_log, r.it_log, r.tokens, r.flops = torch.zeros((), device=dev), time.time(), r.it, 0, 0.0
-    while r.it < r.total and not (cfg["stop_iter"] and r.it >= cfg["stop_iter"]):
-        lr = _step(r)
-        r.it += 1
-        if r.it % cfg["log_interval"] == 0 or r.it == r.total:
-            _log_line(r, lr)
-        if (cfg["eval_interval"] and r.it % cfg["eval_interval"] == 0) or r.it in (r.total, cfg["stop_iter"]):
-            _stop_if_diverged(r, r.loss_sum)
-            _checkpoint(r)
-            r.t_log = time.time()  # validation time is not training time
+    SIGNALS.armed, SIGNALS.got = True, None
+    try:
+        while r.it < r.total and not (cfg["stop_iter"] and r.it >= cfg["stop_iter"]):
+            lr = _step(r)
+            r.it += 1
+            if r.it % cfg["log_interval"] == 0 or r.it == r.total:
+                _log_line(r, lr)
+            if (cfg["eval_interval"] and r.it % cfg["eval_interval"] == 0) or r.it in (r.total, cfg["stop_iter"]):
+                _stop_if_diverged(r, r.loss_sum)
+                _checkpoint(r)
+                r.t_log = time.time()  # validation time is not training time
+            _stop_on_signal(r)
+    finally:
+        SIGNALS.armed = False
 
     result = dict(iter=r.it, best_val=r.best_val)
     if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
@@ -419,11 +466,16 @@ def _optimizer(cfg, model, clf, total, dev):
 
 
 def _resume(r):
-    """Counters, LoRA (+ head), optimizer, schedule and this rank's generators from out_dir/state.pt."""
-    st = load_checkpoint(r.out_dir / "state.pt", r.cfg, r.model, r.clf, r.opt, r.sched)
+    """Counters, LoRA (+ head), optimizer, schedule and this rank's generators from out_dir/state.pt; the settings
+    in MAY_CHANGE as given now; log.jsonl cut back to the checkpoint's iteration."""
+    verify_checkpoint(r.out_dir)
+    st, changed = load_checkpoint(r.out_dir / "state.pt", r.cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE)
     r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
     restore_rng(st, r.rank, r.world, r.dev)
-    r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}")
+    if r.rank == 0:
+        trim_log(r.out_dir / "log.jsonl", r.it)
+    r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
+        f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
 
 
 def _forward(r):
@@ -513,21 +565,37 @@ def _stop_if_diverged(r, loss_sum, what="loss"):
         raise TrainingDiverged(f"non-finite {what} at or before iter {r.it}: stopping; last good checkpoint: {good}")
 
 
-def _checkpoint(r):
+def _stop_on_signal(r):
+    """After a step: if a SIGINT / SIGTERM came (on any rank), save a checkpoint (unless this step just did), stop."""
+    got = torch.tensor(float(SIGNALS.got or 0))
+    if r.ddp:
+        torch.distributed.all_reduce(got, torch.distributed.ReduceOp.MAX)
+    if got.item():
+        if r.last_saved != r.it:
+            _stop_if_diverged(r, r.loss_sum)
+            _checkpoint(r, validate=False)
+        raise Interrupted(int(got.item()), saved=True)
+
+
+def _checkpoint(r, validate=True):
     """Validation loss (+ GLUE metrics), then the PEFT adapter (+ head) and state.pt, written by the master."""
     cfg = r.cfg
-    if r.clf is None:
+    if not validate:  # stopping on a signal: save at once
+        v, metrics = None, {}
+    elif r.clf is None:
         v, metrics = val_loss(r.model, r.tok, cfg, r.val_set), {}
     else:
         # FSDP: every rank runs every batch (a forward is a collective), the master writes
         v, metrics = evaluate_glue(r.clf, r.tok, cfg, r.val_set, r.out_dir if r.rank == 0 else None,
                                    *((0, 1) if cfg["fsdp"] else (r.rank, r.world)))
-    _stop_if_diverged(r, torch.tensor(v, device=r.dev), "validation loss")
-    r.best_val = min(r.best_val, v)
-    r.log(f"iter {r.it}: val loss {v:.4f}" + "".join(f", {k} {m:.4f}" for k, m in metrics.items()))
+    if v is not None:
+        _stop_if_diverged(r, torch.tensor(v, device=r.dev), "validation loss")
+        r.best_val = min(r.best_val, v)
+        r.log(f"iter {r.it}: val loss {v:.4f}" + "".join(f", {k} {m:.4f}" for k, m in metrics.items()))
     lora, head, optim, rngs = training_state(r.model, r.clf, r.opt, r.dev, r.ddp, r.world)  # a collective
     if r.rank == 0:
-        _log_json(r, dict(iter=r.it, val_loss=v, **metrics))
+        if v is not None:
+            _log_json(r, dict(iter=r.it, val_loss=v, **metrics))
         save_checkpoint(r.out_dir, r.model, lora, head, dict(
             iter_num=r.it, epoch=r.it // r.steps_per_epoch, data_position=r.it % r.steps_per_epoch * cfg["batch_size"],
             config=cfg, best_val=r.best_val, rng=rngs, optimizer=optim, scheduler=r.sched.state_dict()))
@@ -536,8 +604,9 @@ def _checkpoint(r):
         torch.distributed.barrier()
 
 
-def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log):
+def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, dev_set):
     """--eval_only: the adapter (and head) in out_dir if there is one, else the base model."""
+    verify_checkpoint(out_dir)
     if (out_dir / "adapter_config.json").is_file():
         load_adapter(model, out_dir)
         log(f"eval: adapter from {out_dir}")
@@ -545,23 +614,32 @@ def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log):
         log(f"eval: no adapter in {out_dir}: evaluating {cfg['init_from']} as it is")
     if clf is None:
         return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log)
-    if not (out_dir / "head.safetensors").is_file():
-        raise FileNotFoundError(f"{out_dir / 'head.safetensors'}: no trained classifier head to evaluate")
-    clf.head.load_state_dict(load_file(out_dir / "head.safetensors"))
-    return evaluate_glue(clf, tok, cfg, load_data(cfg, data_dir, log)[1], out_dir, rank, world)[1]
+    read_head(out_dir, clf.head)
+    return evaluate_glue(clf, tok, cfg, dev_set, out_dir, rank, world)[1]
 
 
 def main(argv=None):
+    """The CLI: every error is one line on stderr; exit 2 (bad input), 1 (divergence), 130 / 143 (SIGINT / SIGTERM)."""
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(cfg)
     except TrainingDiverged as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum, r = getattr(e, "signum", signal.SIGINT), getattr(e, "run", None)
+        what = "nothing saved" if r is None or r.last_saved is None else \
+            f"checkpoint of iter {r.last_saved} in {r.out_dir}, continue with --resume=True"
+        print(f"train.py: {signal.Signals(signum).name}: stopped{f' after iter {r.it}' if r else ''}; {what}",
+              file=sys.stderr)
+        sys.exit(128 + signum)
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
