@@ -152,8 +152,11 @@ class Attention(nn.Module):
             k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
         if (n_rep := self.n_heads // self.n_kv_heads) > 1:  # GQA: query head j reads kv head j // n_rep
             k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
-        # y = softmax(q kᵀ / √hd + mask) v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # y = softmax(q kᵀ / √hd + mask) v; on CPU in float32 (its bf16 SDPA is 3× slower: cpu-step-profile.md)
+        cpu = x.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if cpu else contextlib.nullcontext():
+            qkv = (_up(q), _up(k), _up(v)) if cpu else (q, k, v)
+            y = F.scaled_dot_product_attention(*qkv, attn_mask=mask, is_causal=mask is None).to(q.dtype)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -274,8 +277,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         # y = x Wᵀ + (α/r)·drop(x) B Aᵀ, never forming A Bᵀ
-        y = F.linear(x, self.weight)
-        return y + ((self.dropout(x).to(self.A.dtype) @ self.B) @ self.A.T * self.scale).to(y.dtype)
+        y, d = F.linear(x, self.weight), self.dropout(x)
+        d = d if torch.is_autocast_enabled(d.device.type) else d.to(self.A.dtype)  # autocast: bf16, no upcast
+        return y + ((d @ self.B) @ self.A.T * self.scale).to(y.dtype)
 
     def extra_repr(self):
         return f"in={self.B.shape[0]}, out={self.A.shape[0]}, r={self.r}, alpha={self.alpha}"

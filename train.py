@@ -80,8 +80,8 @@ resume = False
 eval_only = False
 seed = 42
 device = "auto"  # auto | cpu | cuda | cuda:N
-dtype = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16
-compile = True  # torch.compile the training forward (CUDA only)
+dtype = "auto"  # auto (bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX, else float32) | float32 | bfloat16
+compile = torch.cuda.is_available()  # torch.compile the training forward (CPU too: inductor, minutes to compile)
 backend = ""  # torch.distributed backend under torchrun; "" = nccl on CUDA, gloo on CPU
 fsdp = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP, for models that do not fit one GPU
 # -----------------------------------------------------------------------------
@@ -535,14 +535,16 @@ def _fully_shard(net, model, clf, bf16):
 
 
 def _dtype(cfg, dev):
-    if cfg["dtype"] == "auto":
-        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if cfg["dtype"] == "auto":  # a CPU without bf16 instructions emulates bf16 matmuls (~80× slower): float32
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else dev.type == "cpu" and cpu_bf16
+        return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, cfg["dtype"])
 
 
-def _autocast(dev, cfg):  # bf16 autocast on CUDA; float32 (no autocast) on CPU
-    bf16 = dev.type == "cuda" and _dtype(cfg, dev) == torch.bfloat16
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+def _autocast(dev, cfg):  # bf16: autocast on CUDA and CPU (frozen base in bf16; LoRA factors, loss in float32)
+    bf16 = _dtype(cfg, dev) == torch.bfloat16
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _hms(s):
@@ -614,7 +616,7 @@ def train(cfg):
         log(f"resumed from {out_dir / 'state.pt'} at iter {it}")
 
     # the training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP
-    fwd = torch.compile(net) if cfg["compile"] and dev.type == "cuda" else net
+    fwd = torch.compile(net) if cfg["compile"] else net
     if ddp and not cfg["fsdp"]:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
     encode = encode_lm if clf is None else encode_cls
