@@ -137,7 +137,7 @@ def _run(tmp_path, name, *flags):
     cfg = T.parse_config(["config/tiny.py", f"--data_dir={_commonsense(tmp_path / 'data')}",
                           f"--out_dir={tmp_path / name}", "--eval_interval=0", "--eval_limit=1", "--val_set_size=4",
                           "--max_new_tokens=2", "--num_beams=1", "--log_interval=1", "--lora_dropout=0.0",
-                          "--batch_size=4", "--micro_batch_size=4", *flags])
+                          "--batch_size=4", "--micro_batch_size=4", "--lr=1e-2", "--warmup_steps=2", *flags])
     T.train(cfg)
     return [r["loss"] for r in map(json.loads, (tmp_path / name / "log.jsonl").open()) if "loss" in r]
 
@@ -155,7 +155,8 @@ def test_bf16_tracks_float32(tmp_path):
     f32 = _run(tmp_path, "f32", "--dtype=float32", "--compile=False", "--max_iters=20")
     bf16 = _run(tmp_path, "bf16", "--dtype=bfloat16", "--compile=False", "--max_iters=20")
     assert len(f32) == len(bf16) == 20
-    assert f32[-1] < 0.8 * f32[0]  # it learns (so that tracking means something)
-    # bf16 base + autocast, float32 LoRA factors and loss: each step's loss within 2 % of float32's
+    assert f32[-1] < f32[0] - 0.3 and f32 != bf16  # it learns, and bf16 did run (so that tracking means something)
+    # bf16 base + autocast, float32 LoRA factors and loss: each step's loss within 0.2 % of float32's (measured on
+    # this tiny run: at most 1.3e-4, growing with the steps)
     rel = [abs(a - b) / a for a, b in zip(f32, bf16)]
-    assert max(rel) < 0.02, rel
+    assert max(rel) < 2e-3, rel
