@@ -156,7 +156,7 @@ def test_bf16_tracks_float32(tmp_path):
     bf16 = _run(tmp_path, "bf16", "--dtype=bfloat16", "--compile=False", "--max_iters=20")
     assert len(f32) == len(bf16) == 20
     assert f32[-1] < f32[0] - 0.3 and f32 != bf16  # it learns, and bf16 did run (so that tracking means something)
-    # bf16 base + autocast, float32 LoRA factors and loss: each step's loss within 0.2 % of float32's (measured on
-    # this tiny run: at most 1.3e-4, growing with the steps)
+    # bf16 base + autocast, float32 LoRA factors and loss: each step's loss within 0.05 % of float32's (measured on
+    # this tiny run: at most 1.3e-4; with the LoRA factors in bf16 it reaches 1.6e-3 by step 20)
     rel = [abs(a - b) / a for a, b in zip(f32, bf16)]
-    assert max(rel) < 2e-3, rel
+    assert max(rel) < 5e-4, rel
