@@ -616,7 +616,9 @@ def train(cfg):
         log(f"resumed from {out_dir / 'state.pt'} at iter {it}")
 
     # the training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP
-    fwd = torch.compile(net) if cfg["compile"] else net
+    # dynamic shapes: one graph for every batch length; on CPU (SmolLM2 shapes, lengths 97-181) 13 % faster per
+    # step than padding each batch to a multiple of 64 with static graphs, and one compile instead of up to four
+    fwd = torch.compile(net, dynamic=True) if cfg["compile"] else net
     if ddp and not cfg["fsdp"]:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
     encode = encode_lm if clf is None else encode_cls
