@@ -118,13 +118,14 @@ def test_no_graph_breaks(lm, clf):
 # train.py: recompilations over a run, bf16 vs float32
 
 
-def _commonsense(root, n=40, seed=0):
-    """Train sets whose examples range from a few to ~200 bytes (= tokens): every batch has another length."""
+def _commonsense(root, n=40, seed=0, varied=False):
+    """Synthetic train sets; varied: instructions of 1-24 bytes (prompts of 231-254 tokens), batches of many lengths."""
     rng = random.Random(seed)
     for name in ("boolq", "piqa"):
         recs = []
         for _ in range(n):
             words = " ".join(rng.choice(("red", "green", "blue", "yellow")) for _ in range(rng.randint(1, 40)))
+            words = "x" * rng.randint(1, 24) if varied else words
             ans = rng.choice(("true", "false"))
             recs.append(dict(instruction=f"{words}?", input="", output=ans, answer=ans))
         for split, rs in (("train", recs), ("test", recs[:2])):
@@ -133,8 +134,8 @@ def _commonsense(root, n=40, seed=0):
     return root
 
 
-def _run(tmp_path, name, *flags):
-    cfg = T.parse_config(["config/tiny.py", f"--data_dir={_commonsense(tmp_path / 'data')}",
+def _run(tmp_path, name, *flags, varied=False):
+    cfg = T.parse_config(["config/tiny.py", f"--data_dir={_commonsense(tmp_path / 'data', varied=varied)}",
                           f"--out_dir={tmp_path / name}", "--eval_interval=0", "--eval_limit=1", "--val_set_size=4",
                           "--max_new_tokens=2", "--num_beams=1", "--log_interval=1", "--lora_dropout=0.0",
                           "--batch_size=4", "--micro_batch_size=4", "--lr=1e-2", "--warmup_steps=2", *flags])
@@ -145,9 +146,10 @@ def _run(tmp_path, name, *flags):
 def test_train_recompiles_a_bounded_number_of_times(tmp_path):
     stats = torch._dynamo.utils.counters["stats"]
     before = stats["unique_graphs"]
-    losses = _run(tmp_path, "c", "--compile=True", "--max_iters=8", "--method=reflora-s")
+    losses = _run(tmp_path, "c", "--compile=True", "--max_iters=8", "--method=reflora-s", "--cutoff_len=256",
+                  "--batch_size=2", "--micro_batch_size=2", varied=True)
     assert len(losses) == 8 and all(map(torch.isfinite, torch.tensor(losses)))
-    # 8 batches of 8 different lengths: one graph, dynamic in T (train.py compiles with dynamic=True)
+    # 8 batches of (nearly all) different lengths: one graph, dynamic in T (train.py compiles with dynamic=True)
     assert stats["unique_graphs"] - before == 1, dict(stats)
 
 
