@@ -82,14 +82,16 @@ def cls_loss(logits, labels):
 
 
 def dtype_of(cfg, dev):
-    if cfg["dtype"] == "auto":
-        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if cfg["dtype"] == "auto":  # a CPU without bf16 instructions emulates bf16 matmuls (~80× slower): float32
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else dev.type == "cpu" and cpu_bf16
+        return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, cfg["dtype"])
 
 
-def autocast(dev, cfg):  # bf16 autocast on CUDA; float32 (no autocast) on CPU
-    bf16 = dev.type == "cuda" and dtype_of(cfg, dev) == torch.bfloat16
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+def autocast(dev, cfg):  # bf16: autocast on CUDA and CPU (frozen base in bf16; LoRA factors, loss in float32)
+    bf16 = dtype_of(cfg, dev) == torch.bfloat16
+    return torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def hms(s):
