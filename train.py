@@ -36,10 +36,10 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from checkpoint import load_checkpoint, restore_rng, save_checkpoint, training_state
-from data.commonsense.prepare import load_train
+from data.commonsense.prepare import load_train, read_instructions
 from data.glue.prepare import TASKS as GLUE_TASKS, glue_path, read_glue
-from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, evaluate, \
-    evaluate_glue, hms, lm_batch, val_loss
+from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, \
+    eval_set_names, evaluate, evaluate_glue, hms, lm_batch, val_loss, write_json
 from model import add_lora, generate, load_adapter, load_model, lora_state_dict, merge_lora, \
     resolve_checkpoint, save_adapter
 from reflora import RefLoRA, local
@@ -66,6 +66,7 @@ reflora_interval = 1
 task = "commonsense"  # commonsense | glue
 glue_task = "rte"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte (with task=glue)
 data_dir = ""  # "" = data/<task> if prepared there, else ../shared/data/<task>
+data_path = ""  # your own training data: FILE.json / .jsonl of {instruction, input, output} (replaces data_dir's)
 out_dir = "out"
 cutoff_len = 256  # max tokens per training example (the classifier's max length for glue)
 val_set_size = 120  # commonsense examples held out for validation loss
@@ -74,6 +75,7 @@ eval_limit = 50  # examples per eval set (0 = all)
 eval_batch_size = 16
 num_beams = 4
 max_new_tokens = 32
+eval_base = True  # evaluate the base model on the same examples first (cached in out_dir), shown beside the result
 # optimization
 batch_size = 16  # global batch per optimizer step
 micro_batch_size = 8  # per process; gradient accumulation in between
@@ -244,8 +246,12 @@ def load_data(cfg, data_dir, log):
         dev = read_glue(cfg["glue_task"], "dev_matched" if cfg["glue_task"] == "mnli" else "dev", data_dir)
         log(f"data: {cfg['glue_task']} from {data_dir}: {len(train):,} train, {len(dev):,} dev")
         return train, dev[:cfg["eval_limit"] or None]
-    records, what = load_train(data_dir)
-    log(f"data: {data_dir}: {what}")
+    if cfg["data_path"]:  # the commonsense prompt template; evaluation still on data_dir's test sets
+        records = read_instructions(cfg["data_path"])
+        log(f"data: {cfg['data_path']} ({len(records):,} records)")
+    else:
+        records, what = load_train(data_dir)
+        log(f"data: {data_dir}: {what}")
     # the authors' val split: val_set_size examples held out with a fixed seed (42)
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(42)).tolist()
     k = min(cfg["val_set_size"], len(records) // 2)
@@ -360,7 +366,9 @@ def train(cfg):
                          f"= {cfg['micro_batch_size']} × {world}")
     steps_per_epoch = len(train_set) // cfg["batch_size"]  # an epoch's last partial batch is dropped
     if steps_per_epoch == 0:
-        raise ValueError(f"{data_dir}: {len(train_set)} training examples, fewer than one batch of {cfg['batch_size']}")
+        raise ValueError(f"{cfg['data_path'] or data_dir}: {len(train_set)} training examples, fewer than one batch "
+                         f"of {cfg['batch_size']}")
+    base = _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None else None
     r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
         cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok, clf=clf,
         net=model if clf is None else clf, train_set=train_set, val_set=val_set, steps_per_epoch=steps_per_epoch,
@@ -399,12 +407,64 @@ def train(cfg):
     result = dict(iter=r.it, best_val=r.best_val)
     if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
         log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
-    elif r.it == r.total and clf is None:  # finished: the benchmark, on the merged model
+    elif r.it == r.total and clf is None and not eval_set_names(cfg, data_dir) and cfg["data_path"]:
+        log(f"eval: no test sets in {data_dir}: benchmark evaluation skipped")
+    elif r.it == r.total and clf is None:  # finished: the benchmark, on the merged model, beside the base model
         merge_lora(model)
-        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log)
+        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
+        if rank == 0:
+            write_json(out_dir / "eval.json", dict(protocol=_protocol(cfg, data_dir), method=cfg["method"],
+                                                   iters=r.it, base=base, finetuned=result["eval"]))
     if r.logf:
         r.logf.close()
+    if r.it == r.total:
+        _summary(cfg, out_dir, log)
     return result
+
+
+def _protocol(cfg, data_dir):
+    """What an accuracy depends on besides the adapter: the base eval cache is valid while this is unchanged."""
+    return dict(init_from=cfg["init_from"], tokenizer=cfg["tokenizer"], data_dir=str(Path(data_dir).resolve()),
+                eval_sets=eval_set_names(cfg, data_dir), **{k: cfg[k] for k in (
+                    "eval_limit", "num_beams", "max_new_tokens", "dtype")})
+
+
+def _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log):
+    """The base model's accuracy on the same examples, for the final table: with A = 0 the untrained adapter IS
+    the base model. Cached in out_dir/eval_base.json under its protocol; None when off or nothing to evaluate."""
+    if not cfg["eval_base"] or cfg["fsdp"] or not eval_set_names(cfg, data_dir):
+        return None
+    f, key, acc = out_dir / "eval_base.json", _protocol(cfg, data_dir), _cached_base(cfg, data_dir, out_dir)
+    if acc is not None:
+        log(f"eval base: {f} (cached)")
+        return acc
+    acc = evaluate(model.eval(), tok, cfg, data_dir, None, rank, world, log, what="eval base")
+    model.train()
+    if rank == 0:
+        write_json(f, dict(protocol=key, accuracy=acc))
+    return acc
+
+
+def _cached_base(cfg, data_dir, out_dir):
+    f = out_dir / "eval_base.json"
+    c = json.loads(f.read_text()) if f.is_file() else {}
+    return c["accuracy"] if c.get("protocol") == _protocol(cfg, data_dir) else None
+
+
+def _summary(cfg, out_dir, log):
+    """The last line: where the results are (files that exist), and how to talk to the adapter."""
+    try:  # the loss curve from log.jsonl; plot.py needs matplotlib (optional)
+        import plot
+        png = plot.loss_png(out_dir)
+    except ImportError:
+        png = None
+    if png is None:
+        log("loss plot: not written (needs matplotlib: pip install matplotlib)")
+    glue = cfg["task"] == "glue"
+    files = [("adapter", out_dir / "adapter_model.safetensors"), ("head", out_dir / "head.safetensors"),
+             ("eval", out_dir / (f"eval_{cfg['glue_task']}.json" if glue else "eval.json")), ("loss plot", png)]
+    line = ", ".join(f"{k} {p}" for k, p in files if p is not None and Path(p).is_file())
+    log(f"done: {line}" + ("" if glue else f"; sample from it: python sample.py --out_dir={out_dir}"))
 
 
 def _optimizer(cfg, model, clf, total, dev):
@@ -538,13 +598,16 @@ def _checkpoint(r):
 
 def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log):
     """--eval_only: the adapter (and head) in out_dir if there is one, else the base model."""
+    base = None
     if (out_dir / "adapter_config.json").is_file():
         load_adapter(model, out_dir)
+        base = _cached_base(cfg, data_dir, out_dir)
         log(f"eval: adapter from {out_dir}")
     else:
         log(f"eval: no adapter in {out_dir}: evaluating {cfg['init_from']} as it is")
     if clf is None:
-        return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log)
+        return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log,
+                        base=base)
     if not (out_dir / "head.safetensors").is_file():
         raise FileNotFoundError(f"{out_dir / 'head.safetensors'}: no trained classifier head to evaluate")
     clf.head.load_state_dict(load_file(out_dir / "head.safetensors"))
