@@ -96,10 +96,17 @@ def test_data_path_bad_file_is_one_line_exit_2(tmp_path, capsys, case):
 # base vs finetuned, progress lines, the final line
 
 
-def test_base_beside_finetuned_progress_and_final_line(tmp_path, capsys):
+def test_base_beside_finetuned_progress_and_final_line(tmp_path, capsys, monkeypatch):
     data = write_data_dir(tmp_path / "data")
     train_file = tmp_path / "train.json"
     train_file.write_text(json.dumps(records(16, seed=1)))
+    x, seen, real = torch.randint(0, 256, (2, 16)), {}, T.evaluate
+
+    def spy(model, *a, what="eval", **kw):  # the model the base row is measured on, as logits on x
+        seen[what] = model(x)[0].detach()
+        return real(model, *a, what=what, **kw)
+
+    monkeypatch.setattr(T, "evaluate", spy)
     T.main(flags(tmp_path, data_path=train_file, data_dir=data))
     out = capsys.readouterr().out
     lines, o = out.splitlines(), tmp_path / "out"
@@ -113,6 +120,7 @@ def test_base_beside_finetuned_progress_and_final_line(tmp_path, capsys):
     cfg = T.parse_config(flags(tmp_path, data_dir=data))
     torch.manual_seed(cfg["seed"])  # train.py seeds before building the model
     plain = T.load_model("tiny")
+    assert torch.equal(seen["eval base"], plain(x)[0]) and not torch.equal(seen["eval"], plain(x)[0])
     base = T.evaluate(plain.eval(), T.load_tokenizer("bytes"), cfg, data, None, log=lambda *a: None)
     saved = json.loads((o / "eval.json").read_text())
     assert saved["base"] == json.loads((o / "eval_base.json").read_text())["accuracy"] == pytest.approx(base)
@@ -128,7 +136,7 @@ def test_base_beside_finetuned_progress_and_final_line(tmp_path, capsys):
     # the last line names the adapter, the eval JSON (and the plot if written) -- all existing -- and sample.py
     last = lines[-1]
     assert last.startswith("done: ") and last.endswith(f"; sample from it: python sample.py --out_dir={o}")
-    named = re.findall(r"(?:adapter|eval|loss plot) (\S+?)(?:,|;)", last)
+    named = re.findall(r"(?:^done: |, )[a-z ]+ (\S+?)(?=[,;])", last)  # "what path" pairs
     assert str(o / "adapter_model.safetensors") in named and str(o / "eval.json") in named
     assert all(Path(p).is_file() for p in named), named
     # a rerun into the same out_dir reuses the base eval (same protocol), a changed protocol does not
