@@ -28,3 +28,4 @@ eval_batch_size = 32
 num_beams = 4  # the benchmark's protocol (train.py's default is the quick start's greedy decoding)
 max_new_tokens = 32
 eval_base = False  # the base model's accuracy: train.py --eval_only=True into an out_dir without an adapter
+group_by_length = False  # as the authors (train.py's quick start groups by length)
