@@ -132,8 +132,8 @@ def eval_set_names(cfg, data_dir):
 
 @torch.no_grad()
 def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print, base=None, what="eval"):
-    """The benchmark's protocol on each commonsense test set (model already merged): beam search from the
-    evaluation prompt, the response after "### Response:", the dataset's first pattern match == answer.
+    """The benchmark's protocol on each commonsense test set (model already merged): beam search (num_beams; 1 =
+    greedy) from the evaluation prompt, the response after "### Response:", the first pattern match == answer.
     Batched: left padding + mask + KV cache (model.generate). One progress line per batch (rank 0's share:
     examples done, accuracy so far, ETA over all sets); then the table, beside `base` ({set: accuracy}) if given.
     Writes out_dir/eval_<set>.json (out_dir None: nothing); -> {set: accuracy}."""
@@ -184,9 +184,9 @@ def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print, bas
     return results
 
 
-def table(results, ns, base=None, label="acc"):
+def table(results, ns, base=None):
     """Accuracy (%) per set and their average; with `base`, the base model's column beside it."""
-    cols = ([("base", base)] if base is not None else []) + [(label if base is None else "finetuned", results)]
+    cols = ([("base", base)] if base is not None else []) + [("acc" if base is None else "finetuned", results)]
     avg = lambda r: 100 * sum(r.get(n, 0.0) for n in results) / len(results)
     rows = [f"{'dataset':<14} {'n':>6}" + "".join(f" {c:>9}" for c, _ in cols)]
     rows += [f"{n:<14} {ns[n]:>6}" + "".join(f" {100 * r[n]:>9.1f}" if n in r else f" {'-':>9}" for _, r in cols)

@@ -419,7 +419,7 @@ def train(cfg):
                                                    iters=r.it, base=base, finetuned=result["eval"]))
     if r.logf:
         r.logf.close()
-    if r.it == r.total:
+    if r.it == r.total and rank == 0:
         _summary(cfg, out_dir, log)
     return result
 
