@@ -13,7 +13,6 @@ beam search 4 / 32 new tokens, the response after "### Response:", the first pat
 """
 import json
 import os
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -99,7 +98,7 @@ def hms(s):
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
     Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
     os.replace(f"{path}.tmp", path)
 
@@ -128,55 +127,73 @@ def _sharded(fn, batches, rank, world):
 # the protocols
 
 
+def eval_set_names(cfg, data_dir):
+    """The commonsense test sets to evaluate on: cfg's eval_sets, else every dataset/<name>/test.json present."""
+    return list(cfg["eval_sets"]) or [n for n in DATASETS if (Path(data_dir) / "dataset" / n / "test.json").is_file()]
+
+
 @torch.no_grad()
-def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print):
-    """The benchmark's protocol on each commonsense test set (model already merged): beam search from the
-    evaluation prompt, the response after "### Response:", the dataset's first pattern match == answer.
-    Batched: left padding + mask + KV cache (model.generate). Writes out_dir/eval_<set>.json; -> {set: accuracy}."""
-    names = list(cfg["eval_sets"]) or [n for n in DATASETS if (Path(data_dir) / "dataset" / n / "test.json").is_file()]
+def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print, base=None, what="eval"):
+    """The benchmark's protocol on each commonsense test set (model already merged): beam search (num_beams; 1 =
+    greedy) from the evaluation prompt, the response after "### Response:", the first pattern match == answer.
+    Batched: left padding + mask + KV cache (model.generate). One progress line per batch (rank 0's share:
+    examples done, accuracy so far, ETA over all sets); then the table, beside `base` ({set: accuracy}) if given.
+    Writes out_dir/eval_<set>.json (out_dir None: nothing); -> {set: accuracy}."""
+    names = eval_set_names(cfg, data_dir)
     if not names:
         raise FileNotFoundError(f"{data_dir}: no dataset/<name>/test.json to evaluate on")
     if len(names) < len(DATASETS) and not cfg["eval_sets"]:
-        log(f"eval: no test set for {', '.join(n for n in DATASETS if n not in names)} in {data_dir}")
-    amp, results, rows = autocast(next(model.parameters()).device, cfg), {}, []
-    for name in names:
-        records = load_test(data_dir, name)[:cfg["eval_limit"] or None]
+        log(f"{what}: no test set for {', '.join(n for n in DATASETS if n not in names)} in {data_dir}")
+    amp, results, ns = autocast(next(model.parameters()).device, cfg), {}, {}
+    sets = {name: load_test(data_dir, name)[:cfg["eval_limit"] or None] for name in names}
+    todo, done, t0 = sum(map(len, sets.values())), 0, time.time()  # for the ETA over all sets
+    for name, records in sets.items():
         prompts = [tok.encode(eval_prompt(r["instruction"]), bos=True) for r in records]
         room = model.args.max_seq_len - cfg["max_new_tokens"]  # only the tiny preset's 256 is ever too short
         if any(len(p) > room for p in prompts):
-            log(f"eval {name}: {sum(len(p) > room for p in prompts)} prompts cut to their last {room} tokens")
+            log(f"{what} {name}: {sum(len(p) > room for p in prompts)} prompts cut to their last {room} tokens")
             prompts = [p[-room:] for p in prompts]
-        batches, t0 = _by_length(prompts, cfg["eval_batch_size"]), time.time()
+        batches = _by_length(prompts, cfg["eval_batch_size"])
 
         def run(mine):
-            out = []
-            for k, b in enumerate(mine):
+            nonlocal done
+            out, n, right = [], 0, 0
+            for b in mine:
                 with amp:
                     new = generate(model, [prompts[i] for i in b], cfg["max_new_tokens"], tok.eos_id, tok.pad_id,
                                    num_beams=cfg["num_beams"])
                 out.append([tok.decode(ids) for ids in new])
-                if rank == 0 and sys.stdout.isatty():  # progress bar with ETA, on a terminal only
-                    eta = (time.time() - t0) / (k + 1) * (len(mine) - k - 1)
-                    print(f"\reval {name}: {k + 1}/{len(mine)} batches, eta {hms(eta)}  ", end="", flush=True)
+                n, done = n + len(b), done + len(b) * world
+                right += sum(extract_answer(name, split_response(t)) == records[i]["answer"]
+                             for i, t in zip(b, out[-1]))
+                eta = (time.time() - t0) / done * max(todo - done, 0)
+                log(f"{what} {name}: {n}/{sum(map(len, mine))} examples, acc {100 * right / n:.1f}%, "
+                    f"eta {hms(eta)}" + (" (rank 0's share)" if world > 1 else ""))
             return out
 
         texts = [""] * len(records)
         for b, outs in zip(batches, _sharded(run, batches, rank, world)):
             for i, text in zip(b, outs):
                 texts[i] = text
-        if rank == 0 and sys.stdout.isatty():
-            print()
         # split_response of the generation alone = of prompt + generation (the prompt ends with the split string)
         preds = [extract_answer(name, split_response(t)) for t in texts]
         labels = [r["answer"] for r in records]
-        results[name] = sum(p == y for p, y in zip(preds, labels)) / max(len(records), 1)
-        rows.append(f"{name:<14} {len(records):>6} {100 * results[name]:>6.1f}")
-        if rank == 0:
-            _write_json(Path(out_dir) / f"eval_{name}.json", dict(dataset=name, accuracy=results[name],
+        results[name], ns[name] = sum(p == y for p, y in zip(preds, labels)) / max(len(records), 1), len(records)
+        if rank == 0 and out_dir is not None:
+            write_json(Path(out_dir) / f"eval_{name}.json", dict(dataset=name, accuracy=results[name],
                         n=len(records), predictions=preds, labels=labels, outputs=texts))
-    avg = 100 * sum(results.values()) / len(results)
-    log("\n".join([f"{'dataset':<14} {'n':>6} {'acc':>6}", *rows, f"{'average':<14} {'':>6} {avg:>6.1f}"]))
+    log(table(results, ns, base))
     return results
+
+
+def table(results, ns, base=None):
+    """Accuracy (%) per set and their average; with `base`, the base model's column beside it."""
+    cols = ([("base", base)] if base is not None else []) + [("acc" if base is None else "finetuned", results)]
+    avg = lambda r: 100 * sum(r.get(n, 0.0) for n in results) / len(results)
+    rows = [f"{'dataset':<14} {'n':>6}" + "".join(f" {c:>9}" for c, _ in cols)]
+    rows += [f"{n:<14} {ns[n]:>6}" + "".join(f" {100 * r[n]:>9.1f}" if n in r else f" {'-':>9}" for _, r in cols)
+             for n in results]
+    return "\n".join(rows + [f"{'average':<14} {'':>6}" + "".join(f" {avg(r):>9.1f}" for _, r in cols)])
 
 
 @torch.no_grad()
@@ -201,7 +218,7 @@ def evaluate_glue(clf, tok, cfg, records, out_dir=None, rank=0, world=1):
     preds = logits[:, 0].tolist() if clf.head.out_features == 1 else logits.argmax(-1).tolist()
     metrics = glue_metrics(cfg["glue_task"], preds, labels)
     if out_dir is not None and rank == 0:
-        _write_json(Path(out_dir) / f"eval_{cfg['glue_task']}.json",
+        write_json(Path(out_dir) / f"eval_{cfg['glue_task']}.json",
                     dict(task=cfg["glue_task"], n=len(labels), metrics=metrics, predictions=preds, labels=labels))
     clf.train()
     return cls_loss(logits, torch.tensor(labels)).item(), metrics

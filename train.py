@@ -39,10 +39,10 @@ from checkpoint import FILES as CHECKPOINT_FILES, load_adapter, load_checkpoint,
     recover, resolve_checkpoint, restore_rng, save_adapter, save_checkpoint, training_state, trim_log, unlock_out_dir, \
     verify_checkpoint
 from configurator import check, configure, fail
-from data.commonsense.prepare import DATASETS, load_train
+from data.commonsense.prepare import DATASETS, load_train, read_instructions
 from data.glue.prepare import TASKS as GLUE_TASKS, glue_path, read_glue
-from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, evaluate, \
-    evaluate_glue, hms, lm_batch, val_loss
+from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, eval_set_names, \
+    evaluate, evaluate_glue, hms, lm_batch, val_loss, write_json
 from model import add_lora, generate, lora_state_dict, merge_lora
 from reflora import RefLoRA, local
 from tokenizer import load_tokenizer
@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parent
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
-# defaults: a CPU-sized commonsense run of smollm2-135m (config/*.py hold the paper's GPU recipes)
+# defaults: the quick start, smollm2-135m on commonsense in minutes on a 2-core CPU (README); config/*.py hold
+# the paper's GPU recipes and config/smollm2_cpu.py the CPU recipe with the benchmark's protocol
 # model and method
 init_from = "smollm2-135m"  # preset name (tiny, smollm2-135m), Meta/HF checkpoint directory, or .gguf file
 tokenizer = ""  # "" = the checkpoint's own ("bytes" for the random-init tiny preset)
@@ -66,21 +67,23 @@ reflora_interval = 1
 task = "commonsense"  # commonsense | glue
 glue_task = "rte"  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte (with task=glue)
 data_dir = ""  # "" = data/<task> if prepared there, else ../shared/data/<task>
+data_path = ""  # your own training data: FILE.json / .jsonl of {instruction, input, output} (replaces data_dir's)
 out_dir = "out"
 cutoff_len = 256  # max tokens per training example (the classifier's max length for glue)
 val_set_size = 120  # commonsense examples held out for validation loss
 eval_sets = ()  # commonsense test sets, e.g. boolq,piqa; () = every one present in data_dir
-eval_limit = 50  # examples per eval set (0 = all)
+eval_limit = 20  # examples per eval set (0 = all)
 eval_batch_size = 16
-num_beams = 4
-max_new_tokens = 32
+num_beams = 1  # greedy; the benchmark's protocol is 4 beams, 32 new tokens (config/*.py)
+max_new_tokens = 16
+eval_base = True  # evaluate the base model on the same examples first (cached in out_dir), shown beside the result
 # optimization
-batch_size = 16  # global batch per optimizer step
+batch_size = 8  # global batch per optimizer step
 micro_batch_size = 8  # per process; gradient accumulation in between
 grad_checkpoint = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-group_by_length = False  # batches of similar length (less padding), as HF's group_by_length; order shuffled
+group_by_length = True  # batches of similar length (less padding), as HF's group_by_length; order shuffled
 epochs = 2
-max_iters = 100  # optimizer steps; 0 = `epochs` passes over the training set
+max_iters = 60  # optimizer steps; 0 = `epochs` passes over the training set
 stop_iter = 0  # stop (after a checkpoint) at this step, the schedule unchanged: time-boxed jobs; 0 = never
 lr = 5e-4
 weight_decay = 0.0
@@ -88,7 +91,7 @@ warmup_steps = 10  # linear warmup, then linear decay to 0
 grad_clip = 1.0
 # system and logging
 log_interval = 10
-eval_interval = 50  # validation loss + checkpoint every this many steps (and at the end)
+eval_interval = 0  # validation loss + checkpoint every this many steps, and at the end (0 = at the end only)
 resume = False  # continue the run in out_dir from its state.pt (README: Resume rules)
 overwrite = False  # start a new run in an out_dir that holds a checkpoint, replacing it
 eval_only = False
@@ -102,7 +105,8 @@ fsdp = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP, fo
 DEFAULTS = {k: v for k, v in globals().items() if k not in _before and k != "_before"}
 # --task=glue: defaults that suit a LLaMA classifier (used unless a config file or flag sets the key)
 GLUE_DEFAULTS = dict(lora_r=8, lora_alpha=16, lr=1e-4, epochs=3, max_iters=0, cutoff_len=128, warmup_steps=100,
-                     reflora_warmup=100, micro_batch_size=16, eval_limit=0, eval_interval=500)
+                     reflora_warmup=100, batch_size=16, micro_batch_size=16, group_by_length=False, eval_limit=0,
+                     eval_interval=500)
 CHOICES = dict(method=("lora", "reflora", "reflora-s"), task=("commonsense", "glue"),
                glue_task=("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"),
                dtype=("auto", "float32", "bfloat16"))
@@ -221,8 +225,12 @@ def _load_data(cfg, data_dir, log):
         dev = read_glue(cfg["glue_task"], "dev_matched" if cfg["glue_task"] == "mnli" else "dev", data_dir)
         log(f"data: {cfg['glue_task']} from {data_dir}: {len(train):,} train, {len(dev):,} dev")
         return train, dev[:cfg["eval_limit"] or None]
-    records, what = load_train(data_dir)
-    log(f"data: {data_dir}: {what}")
+    if cfg["data_path"]:  # the commonsense prompt template; evaluation still on data_dir's test sets
+        records = read_instructions(cfg["data_path"])
+        log(f"data: {cfg['data_path']} ({len(records):,} records)")
+    else:
+        records, what = load_train(data_dir)
+        log(f"data: {data_dir}: {what}")
     # the authors' val split: val_set_size examples held out with a fixed seed (42)
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(42)).tolist()
     k = min(cfg["val_set_size"], len(records) // 2)
@@ -334,7 +342,8 @@ def train(cfg):
                          f"= {cfg['micro_batch_size']} × {world}")
     steps_per_epoch = len(train_set) // cfg["batch_size"]  # an epoch's last partial batch is dropped
     if steps_per_epoch == 0 and not cfg["eval_only"]:
-        raise ValueError(f"{data_dir}: {len(train_set)} training examples, fewer than one batch of {cfg['batch_size']}")
+        raise ValueError(f"{cfg['data_path'] or data_dir}: {len(train_set)} training examples, fewer than one batch "
+                         f"of {cfg['batch_size']}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock_out_dir(out_dir)
@@ -348,12 +357,14 @@ def train(cfg):
             torch.distributed.barrier()
         if cfg["eval_only"]:
             return _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
+        base = _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None else None
         r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
             cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok,
             clf=clf, net=model if clf is None else clf, train_set=train_set, val_set=val_set, data_dir=data_dir,
             steps_per_epoch=steps_per_epoch, total=cfg["max_iters"] or cfg["epochs"] * steps_per_epoch,
             per_rank=cfg["batch_size"] // world, mb=cfg["micro_batch_size"],
-            encode=encode_lm if clf is None else encode_cls, perms={}, it=0, best_val=float("inf"), last_saved=None)
+            encode=encode_lm if clf is None else encode_cls, perms={}, it=0, best_val=float("inf"), last_saved=None,
+            base=base)
         try:
             return _train(r)
         except Interrupted as e:
@@ -408,7 +419,7 @@ def _check_against(cfg, model, tok, clf, data_dir):
 
 def _train(r):
     cfg, model, clf, dev, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.dev, r.rank, r.world, r.log, r.out_dir
-    train_set, tok, data_dir = r.train_set, r.tok, r.data_dir
+    train_set, tok, data_dir, base = r.train_set, r.tok, r.data_dir, r.base
     r.accum = r.per_rank // r.mb
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
         _fully_shard(r.net, model, clf, dtype_of(cfg, dev) == torch.bfloat16)
@@ -446,12 +457,64 @@ def _train(r):
     result = dict(iter=r.it, best_val=r.best_val)
     if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
         log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
-    elif r.it == r.total and clf is None:  # finished: the benchmark, on the merged model
+    elif r.it == r.total and clf is None and not eval_set_names(cfg, data_dir) and cfg["data_path"]:
+        log(f"eval: no test sets in {data_dir}: benchmark evaluation skipped")
+    elif r.it == r.total and clf is None:  # finished: the benchmark, on the merged model, beside the base model
         merge_lora(model)
-        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log)
+        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
+        if rank == 0:
+            write_json(out_dir / "eval.json", dict(protocol=_protocol(cfg, data_dir), method=cfg["method"],
+                                                   iters=r.it, base=base, finetuned=result["eval"]))
     if r.logf:
         r.logf.close()
+    if r.it == r.total and rank == 0:
+        _summary(cfg, out_dir, log)
     return result
+
+
+def _protocol(cfg, data_dir):
+    """What an accuracy depends on besides the adapter: the base eval cache is valid while this is unchanged."""
+    return dict(init_from=cfg["init_from"], tokenizer=cfg["tokenizer"], data_dir=str(Path(data_dir).resolve()),
+                eval_sets=eval_set_names(cfg, data_dir), **{k: cfg[k] for k in (
+                    "eval_limit", "num_beams", "max_new_tokens", "dtype")})
+
+
+def _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log):
+    """The base model's accuracy on the same examples, for the final table: with A = 0 the untrained adapter IS
+    the base model. Cached in out_dir/eval_base.json under its protocol; None when off or nothing to evaluate."""
+    if not cfg["eval_base"] or cfg["fsdp"] or not eval_set_names(cfg, data_dir):
+        return None
+    f, key, acc = out_dir / "eval_base.json", _protocol(cfg, data_dir), _cached_base(cfg, data_dir, out_dir)
+    if acc is not None:
+        log(f"eval base: {f} (cached)")
+        return acc
+    acc = evaluate(model.eval(), tok, cfg, data_dir, None, rank, world, log, what="eval base")
+    model.train()
+    if rank == 0:
+        write_json(f, dict(protocol=key, accuracy=acc))
+    return acc
+
+
+def _cached_base(cfg, data_dir, out_dir):
+    f = out_dir / "eval_base.json"
+    c = json.loads(f.read_text()) if f.is_file() else {}
+    return c["accuracy"] if c.get("protocol") == _protocol(cfg, data_dir) else None
+
+
+def _summary(cfg, out_dir, log):
+    """The last line: where the results are (files that exist), and how to talk to the adapter."""
+    try:  # the loss curve from log.jsonl; plot.py needs matplotlib (optional)
+        import plot
+        png = plot.loss_png(out_dir)
+    except ImportError:
+        png = None
+    if png is None:
+        log("loss plot: not written (needs matplotlib: pip install matplotlib)")
+    glue = cfg["task"] == "glue"
+    files = [("adapter", out_dir / "adapter_model.safetensors"), ("head", out_dir / "head.safetensors"),
+             ("eval", out_dir / (f"eval_{cfg['glue_task']}.json" if glue else "eval.json")), ("loss plot", png)]
+    line = ", ".join(f"{k} {p}" for k, p in files if p is not None and Path(p).is_file())
+    log(f"done: {line}" + ("" if glue else f"; sample from it: python sample.py --out_dir={out_dir}"))
 
 
 def _optimizer(cfg, model, clf, total, dev):
@@ -609,13 +672,15 @@ def _checkpoint(r, validate=True):
 def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, dev_set):
     """--eval_only: the adapter (and head) in out_dir if there is one, else the base model."""
     verify_checkpoint(out_dir)
+    base = None
     if (out_dir / "adapter_config.json").is_file():
         load_adapter(model, out_dir)
+        base = _cached_base(cfg, data_dir, out_dir)
         log(f"eval: adapter from {out_dir}")
     else:
         log(f"eval: no adapter in {out_dir}: evaluating {cfg['init_from']} as it is")
     if clf is None:
-        return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log)
+        return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
     read_head(out_dir, clf.head)
     return evaluate_glue(clf, tok, cfg, dev_set, out_dir, rank, world)[1]
 

@@ -25,3 +25,7 @@ eval_interval = 500
 log_interval = 20
 eval_limit = 0  # every test example
 eval_batch_size = 32
+num_beams = 4  # the benchmark's protocol (train.py's default is the quick start's greedy decoding)
+max_new_tokens = 32
+eval_base = False  # the base model's accuracy: train.py --eval_only=True into an out_dir without an adapter
+group_by_length = False  # as the authors (train.py's quick start groups by length)

@@ -128,6 +128,50 @@ def read_records(path, name=None):
     return data
 
 
+def read_instructions(path):
+    """Your own training data: a JSON list (.json) or JSON Lines (.jsonl) of {"instruction", "input", "output"}
+    records (Alpaca / LLM-Adapters format; "input" optional, other keys ignored) -> [{instruction, input, output}].
+    Every error is one line naming the file and the record (0-based; JSONL also gives the line)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (expected a JSON list or JSON Lines of instruction/output records)")
+    if str(path).endswith(".jsonl"):
+        lines = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+        data = []
+        for i, (n, ln) in enumerate(lines):
+            try:
+                data.append(json.loads(ln))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: record {i} (line {n}): not valid JSON ({e.msg})") from None
+        where = lambda i: f"record {i} (line {lines[i][0]})"
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); JSON Lines files must end in .jsonl") from None
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        where = lambda i: f"record {i}"
+    if not data:
+        raise ValueError(f"{path}: no records")
+    out = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: {where(i)}: expected an object, got {type(r).__name__}")
+        for k in ("instruction", "input", "output"):
+            if k not in r and k != "input":
+                raise ValueError(f"{path}: {where(i)}: key {k!r} missing")
+            if not isinstance(r.get(k, ""), str):
+                raise ValueError(f"{path}: {where(i)}: key {k!r} not a string ({type(r[k]).__name__})")
+        out.append(dict(instruction=r["instruction"], input=r.get("input", ""), output=r["output"]))
+    return out
+
+
 def _train_170k(data_dir):
     d = Path(data_dir)
     return next((p for p in (d / TRAIN_170K, d / "ft-training_set" / TRAIN_170K) if p.is_file()), None)
