@@ -416,7 +416,8 @@ def closed_form_S(A, B):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r,cond_a,cond_b", [(32, 600, 1.5), (32, 100, 100), (4, 2000, 1),  # today's reports
-                                             (4, 1e3, 1e3), (32, 1e3, 1e3), (64, 1e4, 100), (64, 100, 1e4)])
+                                             (4, 1e3, 1e3), (32, 1e3, 1e3), (64, 1e4, 100), (64, 100, 1e4),
+                                             (4, 1e6, 1), (32, 1e6, 1), (4, 1, 1e6)])  # cond(A)·cond(B) = 1e6
 def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, cond_b):
     A, B = conditioned(300, r, cond_a, 1, dtype), 5 * conditioned(400, r, cond_b, 2, dtype)
     ref = closed_form_S(A, B)
@@ -424,7 +425,7 @@ def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, 
     # and through the optimizer's own path: the preconditioned gradients equal ∇A S̃⁻¹, ∇B S̃
     gA, gB = torch.ones(300, r, dtype=dtype), torch.ones(400, r, dtype=dtype)
     pA, pB = reflora.precondition([A], [B], [gA], [gB])
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # the result is rounded to the gradients' dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # the result is rounded to the gradients' dtype
     assert rel(pB[0].to(F64), gB.to(F64) @ ref) < tol
 
 
