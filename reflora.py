@@ -215,6 +215,25 @@ def _shard_sum(t):
     return lambda x: all_reduce(x, "sum", group)
 
 
+def find_pairs(module):
+    """The trainable LoRA pairs of a module tree, in the form RefLoRA(pairs, ...) takes.
+
+    This project's LoRALinear (parameters A (out, r), B (in, r)) gives (A, B); a PEFT-style layer (ModuleDicts
+    lora_A[name] / lora_B[name] whose .weight are (r, in) = Bᵀ and (out, r) = A) gives (lora_B.weight,
+    lora_A.weight, True) per adapter name: B is stepped transposed, through .mT views of the parameter, its
+    gradient and its moments. Pairs with a frozen factor (requires_grad False) are left out.
+    """
+    pairs = []
+    for mod in module.modules():
+        lA, lB = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
+        if isinstance(lA, torch.nn.ModuleDict) and isinstance(lB, torch.nn.ModuleDict):
+            pairs += [(lB[k].weight, lA[k].weight, True) for k in lA if k in lB]
+        elif all(isinstance(getattr(mod, k, None), torch.nn.Parameter) for k in ("A", "B")):
+            if mod.A.dim() == 2 and mod.B.dim() == 2 and mod.A.shape[1] == mod.B.shape[1]:
+                pairs.append((mod.A, mod.B, False))
+    return [(A, B, t) for A, B, t in pairs if A.requires_grad and B.requires_grad]
+
+
 class RefLoRA(torch.optim.Optimizer):
     """RefLoRA / RefLoRA-S on top of AdamW or gradient descent.
 
@@ -279,7 +298,9 @@ class RefLoRA(torch.optim.Optimizer):
         for g in self.param_groups:
             if not g["lora"]:
                 continue
-            for A, B, t in zip(g["params"][0::2], g["params"][1::2], g["transposed"]):
+            # (a state_dict from before the layout flag has no "transposed": all False)
+            flags = g.get("transposed") or [False] * (len(g["params"]) // 2)
+            for A, B, t in zip(g["params"][0::2], g["params"][1::2], flags):
                 if A.requires_grad and B.requires_grad and (not need_grads or (A.grad is not None
                                                                                and B.grad is not None)):
                     buckets.setdefault((A.shape[1], A.dtype, A.device), []).append((A, B, t))
