@@ -607,8 +607,13 @@ def _log_line(r, lr):
                eta_s=dt / n * (r.total - r.it))
     tps = f"{rec['tok_s'] / 1e3:.1f}k" if rec["tok_s"] >= 1e3 else f"{rec['tok_s']:.0f}"
     mfu = "-" if r.peak is None else f"{100 * rec['mfu']:.1f}%"
+    # the last refactoring (RefLoRA, RefLoRA-S): pairs exact / scalar fallback / left alone, balance residual, s
+    rec["refactor"] = st = r.opt.stats()
+    ref = "" if not st else (f", refactor {st['exact']:.0f}/{st['fallback']:.0f}/{st['alone']:.0f} resid "
+                             f"{st['residual']:.0e}" + (f" s {st['s_median']:.2g} [{st['s_min']:.2g}, {st['s_max']:.2g}]"
+                                                         if "s_median" in st else ""))
     r.log(f"iter {r.it}: loss {rec['loss']:.4f}, lr {lr:.1e}, {rec['ms']:.0f} ms, {tps} tok/s, mfu {mfu}, "
-          f"mem {rec['mem_gb']:.1f} GB, eta {hms(rec['eta_s'])}")
+          f"mem {rec['mem_gb']:.1f} GB, eta {hms(rec['eta_s'])}{ref}")
     _log_json(r, rec)
     r.loss_sum.zero_()
     r.t_log, r.it_log, r.tokens, r.flops = time.time(), r.it, 0, 0.0

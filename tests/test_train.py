@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train as T  # noqa: E402
 from data.glue.prepare import glue_metrics  # noqa: E402
+from model import PRESETS  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -316,3 +317,18 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
     T.load_adapter(model, tmp_path / "two/out")
     for k, v in T.lora_state_dict(model).items():
         assert torch.equal(v, two["lora"][k]), k
+
+
+@pytest.mark.parametrize("method", ["lora", "reflora", "reflora-s"])
+def test_log_records_the_refactoring(tmp_path, method):
+    """log.jsonl's training records carry the last refactoring's stats (issue 10.2): every pair refactored
+    exactly, a balanced result, s in its range; none for plain LoRA, none before the refactoring warmup ends."""
+    T.main(tiny_args(tmp_path, method=method, max_iters=3, reflora_warmup=1, eval_limit=0, eval_base=False))
+    recs = [json.loads(line) for line in (tmp_path / "out/log.jsonl").read_text().splitlines()]
+    st = {r["iter"]: r["refactor"] for r in recs if "loss" in r}
+    # RefLoRA preconditions step warmup+1 (the second), RefLoRA-S rescales after step warmup (the first)
+    assert (st[1] == {}) == (method != "reflora-s") and (st[3] == {}) == (method == "lora")
+    if method != "lora":
+        n_pairs = 5 * PRESETS["tiny"]["n_layers"]  # q, k, v, up, down in every block
+        assert st[3]["exact"] == n_pairs and st[3]["fallback"] == st[3]["alone"] == 0
+        assert st[3]["residual"] < 1e-5 and 0 < st[3]["s_min"] <= st[3]["s_median"] <= st[3]["s_max"]
