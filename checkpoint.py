@@ -648,6 +648,40 @@ def unlock_out_dir(out_dir):
         pass
 
 
+def check_out_dir(cfg, out_dir):
+    """out_dir can be a directory; a new run does not replace a checkpoint unasked; resume and eval_only find what
+    they read there."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out_dir={out_dir}: {p} is a file, not a directory")
+            break
+    pending = (out_dir / ".new" / MANIFEST).is_file()  # a committed save that recover() completes
+    saved = pending or (out_dir / "state.pt").is_file()
+    if cfg["resume"] and not saved:
+        raise FileNotFoundError(f"--resume=True: {out_dir / 'state.pt'} does not exist")
+    if not (cfg["resume"] or cfg["eval_only"] or cfg["overwrite"]) and saved:
+        raise ValueError(f"--out_dir={out_dir} holds a checkpoint ({out_dir / 'state.pt'}): continue it with "
+                         "--resume=True, or replace it with --overwrite=True (or use another --out_dir)")
+    if cfg["eval_only"]:
+        if not out_dir.is_dir():
+            raise FileNotFoundError(f"--eval_only=True: --out_dir={out_dir} does not exist (it reads the adapter "
+                                    "there; for the base model pass an empty directory)")
+        have = [f for f in ("adapter_config.json", "adapter_model.safetensors") if (out_dir / f).is_file()]
+        if len(have) == 1 and not pending:
+            raise FileNotFoundError(f"--eval_only=True: {out_dir / have[0]} without "
+                                    f"{({'adapter_config.json', 'adapter_model.safetensors'} - set(have)).pop()}")
+
+
+def start_run(out_dir, overwrite):
+    """Rank 0, out_dir locked: a save that a crash interrupted completed, or discarded; --overwrite: the old
+    checkpoint and log.jsonl removed."""
+    recover(out_dir)
+    if overwrite:
+        for f in (*FILES, "log.jsonl"):
+            (out_dir / f).unlink(missing_ok=True)
+
+
 def _alive(pid):
     if pid == os.getpid():
         return False  # ours, left by an earlier run in this process
