@@ -578,6 +578,18 @@ def load_checkpoint(path, cfg, model, clf, opt, sched, may_change=()):
     return st, changed
 
 
+def resume_checkpoint(out_dir, cfg, model, clf, opt, sched, may_change, rank, world, dev):
+    """--resume: out_dir's checkpoint verified, state.pt loaded into model (+ head), optimizer and schedule (the
+    settings in may_change as given now), this rank's generators restored, log.jsonl cut back to its iteration;
+    -> (state, {key: (saved, now)} of the settings that changed)."""
+    verify_checkpoint(out_dir)
+    st, changed = load_checkpoint(out_dir / "state.pt", cfg, model, clf, opt, sched, may_change)
+    restore_rng(st, rank, world, dev)
+    if rank == 0:
+        trim_log(out_dir / "log.jsonl", st["iter_num"])
+    return st, changed
+
+
 def read_head(out_dir, head):
     """out_dir/head.safetensors into the classifier head (nn.Linear), or one line naming the file."""
     f = Path(out_dir) / "head.safetensors"

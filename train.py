@@ -35,8 +35,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from checkpoint import check_out_dir, load_checkpoint, load_model, lock_out_dir, resolve_checkpoint, restore_rng, \
-    save_checkpoint, start_run, training_state, trim_log, unlock_out_dir, verify_checkpoint
+from checkpoint import check_out_dir, load_model, lock_out_dir, resolve_checkpoint, resume_checkpoint, \
+    save_checkpoint, start_run, training_state, unlock_out_dir
 from configurator import check, configure, fail
 from data.commonsense.prepare import DATASETS
 from data.glue.prepare import TASKS as GLUE_TASKS
@@ -315,7 +315,7 @@ def train(cfg):
 
 def _train(r):
     cfg, model, clf, dev, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.dev, r.rank, r.world, r.log, r.out_dir
-    train_set, tok, data_dir, base = r.train_set, r.tok, r.data_dir, r.base
+    train_set, tok = r.train_set, r.tok
     r.accum = r.per_rank // r.mb
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
         _fully_shard(r.net, model, clf, dtype_of(cfg, dev) == torch.bfloat16)
@@ -349,7 +349,14 @@ def _train(r):
             _stop_on_signal(r)
     finally:
         SIGNALS.armed = False
+    return _finish(r)
 
+
+def _finish(r):
+    """After the loop: the benchmark on the merged model beside the base model (finished commonsense runs), the
+    final line; -> dict(iter, best_val[, eval])."""
+    cfg, model, clf, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.rank, r.world, r.log, r.out_dir
+    tok, data_dir, base = r.tok, r.data_dir, r.base
     result = dict(iter=r.it, best_val=r.best_val)
     if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
         log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
@@ -414,12 +421,9 @@ def _optimizer(cfg, model, clf, total, dev):
 def _resume(r):
     """Counters, LoRA (+ head), optimizer, schedule and this rank's generators from out_dir/state.pt; the settings
     in MAY_CHANGE as given now; log.jsonl cut back to the checkpoint's iteration."""
-    verify_checkpoint(r.out_dir)
-    st, changed = load_checkpoint(r.out_dir / "state.pt", r.cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE)
+    st, changed = resume_checkpoint(r.out_dir, r.cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE, r.rank, r.world,
+                                    r.dev)
     r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
-    restore_rng(st, r.rank, r.world, r.dev)
-    if r.rank == 0:
-        trim_log(r.out_dir / "log.jsonl", r.it)
     r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
         f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
 
