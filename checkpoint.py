@@ -1,7 +1,7 @@
 """
 Every way weights get in and out of model.Transformer: Meta, Hugging Face and GGUF checkpoints (one key table, one
 q/k permutation), the SmolLM2-135M download, GGUF -> Hugging Face conversion, PEFT LoRA adapters, and train.py's
-training state (state.pt beside the adapter).
+training state (state.pt beside the adapter: crash-safe saves, resume, out_dir checks and lock).
 
 References:
 1) Meta's llama / llama3 repos (params.json, consolidated.*.pth, fairscale model-parallel shards).

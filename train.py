@@ -19,7 +19,8 @@ References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' c
 (zhangyilang/RefLoRA commonsense_reasoning/finetune.py + evaluate.py, from LLM-Adapters): prompts, tokenize()
 with EOS and cutoff_len, 120 held-out examples, beam search 4 / 32 new tokens; HF Trainer as they ran it:
 get_linear_schedule_with_warmup, grad-norm clip 1.0, loss averaged over the accumulation steps.
-The evaluation protocols live in evaluate.py, the training-state checkpoint (state.pt) in checkpoint.py.
+Its one job: the config values, then the loop. Data loading and evaluation live in evaluate.py, the training
+state (state.pt, resume, out_dir checks and lock) in checkpoint.py.
 """
 import json
 import os
