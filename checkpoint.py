@@ -1,7 +1,7 @@
 """
 Every way weights get in and out of model.Transformer: Meta, Hugging Face and GGUF checkpoints (one key table, one
 q/k permutation), the SmolLM2-135M download, GGUF -> Hugging Face conversion, PEFT LoRA adapters, and train.py's
-training state (state.pt beside the adapter).
+training state (state.pt beside the adapter: crash-safe saves, resume, out_dir checks and lock).
 
 References:
 1) Meta's llama / llama3 repos (params.json, consolidated.*.pth, fairscale model-parallel shards).
@@ -578,6 +578,18 @@ def load_checkpoint(path, cfg, model, clf, opt, sched, may_change=()):
     return st, changed
 
 
+def resume_checkpoint(out_dir, cfg, model, clf, opt, sched, may_change, rank, world, dev):
+    """--resume: out_dir's checkpoint verified, state.pt loaded into model (+ head), optimizer and schedule (the
+    settings in may_change as given now), this rank's generators restored, log.jsonl cut back to its iteration;
+    -> (state, {key: (saved, now)} of the settings that changed)."""
+    verify_checkpoint(out_dir)
+    st, changed = load_checkpoint(out_dir / "state.pt", cfg, model, clf, opt, sched, may_change)
+    restore_rng(st, rank, world, dev)
+    if rank == 0:
+        trim_log(out_dir / "log.jsonl", st["iter_num"])
+    return st, changed
+
+
 def read_head(out_dir, head):
     """out_dir/head.safetensors into the classifier head (nn.Linear), or one line naming the file."""
     f = Path(out_dir) / "head.safetensors"
@@ -646,6 +658,40 @@ def unlock_out_dir(out_dir):
             f.unlink()
     except OSError:
         pass
+
+
+def check_out_dir(cfg, out_dir):
+    """out_dir can be a directory; a new run does not replace a checkpoint unasked; resume and eval_only find what
+    they read there."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--out_dir={out_dir}: {p} is a file, not a directory")
+            break
+    pending = (out_dir / ".new" / MANIFEST).is_file()  # a committed save that recover() completes
+    saved = pending or (out_dir / "state.pt").is_file()
+    if cfg["resume"] and not saved:
+        raise FileNotFoundError(f"--resume=True: {out_dir / 'state.pt'} does not exist")
+    if not (cfg["resume"] or cfg["eval_only"] or cfg["overwrite"]) and saved:
+        raise ValueError(f"--out_dir={out_dir} holds a checkpoint ({out_dir / 'state.pt'}): continue it with "
+                         "--resume=True, or replace it with --overwrite=True (or use another --out_dir)")
+    if cfg["eval_only"]:
+        if not out_dir.is_dir():
+            raise FileNotFoundError(f"--eval_only=True: --out_dir={out_dir} does not exist (it reads the adapter "
+                                    "there; for the base model pass an empty directory)")
+        have = [f for f in ("adapter_config.json", "adapter_model.safetensors") if (out_dir / f).is_file()]
+        if len(have) == 1 and not pending:
+            raise FileNotFoundError(f"--eval_only=True: {out_dir / have[0]} without "
+                                    f"{({'adapter_config.json', 'adapter_model.safetensors'} - set(have)).pop()}")
+
+
+def start_run(out_dir, overwrite):
+    """Rank 0, out_dir locked: a save that a crash interrupted completed, or discarded; --overwrite: the old
+    checkpoint and log.jsonl removed."""
+    recover(out_dir)
+    if overwrite:
+        for f in (*FILES, "log.jsonl"):
+            (out_dir / f).unlink(missing_ok=True)
 
 
 def _alive(pid):

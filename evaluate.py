@@ -1,11 +1,14 @@
 """
-Evaluation protocols: commonsense beam-search accuracy, GLUE metrics of the classifier, validation loss.
+The data side of a run: where its data lives and what it reads (train records, the validation split), how
+examples become tensors, and how a model is scored on them: commonsense beam-search accuracy, GLUE metrics of the
+classifier, validation loss, the base model's cached accuracy, --eval_only on an out_dir.
 
 One top-level file rather than one beside each data/<task>/prepare.py: both protocols share the batching by length,
 the sharding of batches over ranks and the autocast, and the val loss shares the encoding with training; the
 task-specific parts (prompts, answer extraction, metrics) stay in data/<task>/prepare.py and are imported here.
-The examples -> tensors functions live here too (train.py imports them), so that scoring sees exactly the
-tokens training saw.
+The examples -> tensors functions and the data loading live here too (train.py imports them), so that scoring
+sees exactly the records and tokens training saw, and train.py keeps to its config and loop; nothing here imports
+train.py (it imports everything).
 
 References: the authors' commonsense evaluate.py (zhangyilang/RefLoRA, from LLM-Adapters): evaluation prompt,
 beam search 4 / 32 new tokens, the response after "### Response:", the first pattern match == answer; GLUE
@@ -20,9 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.commonsense.prepare import DATASETS, eval_prompt, extract_answer, load_test, split_response, train_prompt
-from data.glue.prepare import glue_metrics
-from model import generate
+from checkpoint import load_adapter, read_head, verify_checkpoint
+from data.commonsense.prepare import DATASETS, eval_prompt, extract_answer, load_test, load_train, read_instructions, \
+    split_response, train_prompt
+from data.glue.prepare import glue_metrics, glue_path, read_glue
+from model import generate, merge_lora
+
+ROOT = Path(__file__).resolve().parent
 
 GLUE_SEP = "\n"  # joins the two sentences of a pair
 
@@ -101,6 +108,79 @@ def hms(s):
 def write_json(path, obj):
     Path(f"{path}.tmp").write_text(json.dumps(obj, indent=1))
     os.replace(f"{path}.tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# data: where it lives, a run's records and validation split (the held-out examples val_loss scores), the
+# checks of flags against model and data; train.py tokenizes on the fly, one permutation per epoch (group_by_len)
+
+
+def resolve_data_dir(cfg):
+    """data_dir, else data/<task> if prepared there, else ../shared/data/<task>."""
+    if cfg["data_dir"]:
+        return Path(cfg["data_dir"])
+    local = ROOT / "data" / cfg["task"]
+    if cfg["task"] == "commonsense":
+        prepared = (local / "commonsense_170k.json").is_file() or (local / "dataset").is_dir()
+    else:
+        prepared = glue_path(cfg["glue_task"], "train", local).is_file()
+    return local if prepared else ROOT.parent / "shared" / "data" / cfg["task"]
+
+
+def group_by_len(perm, lengths, batch_size, g, mega=50):
+    """A permutation whose consecutive batch_size-blocks hold examples of similar length: HF's LengthGroupedSampler
+    (chunks of `mega` batches of the shuffled order, each sorted by length), then the full batches of each chunk
+    shuffled, so that a run shorter than a chunk does not go from the longest examples to the shortest."""
+    out = []
+    for c in perm.split(mega * batch_size):
+        c = c[torch.tensor([lengths[i] for i in c.tolist()]).argsort(descending=True, stable=True)]
+        n = len(c) // batch_size * batch_size
+        blocks = c[:n].view(-1, batch_size)  # (batches, batch_size)
+        out += [blocks[torch.randperm(len(blocks), generator=g)].flatten(), c[n:]]
+    return torch.cat(out)
+
+
+def load_data(cfg, data_dir, log):
+    """-> (train records, validation records) of the task; an unreadable file is one line naming it (or data_dir)."""
+    try:
+        return _load_data(cfg, data_dir, log)
+    except ValueError as e:
+        raise e if str(data_dir) in str(e) else ValueError(f"{data_dir}: {e}") from None
+
+
+def _load_data(cfg, data_dir, log):
+    if cfg["task"] == "glue":
+        train = read_glue(cfg["glue_task"], "train", data_dir)
+        dev = read_glue(cfg["glue_task"], "dev_matched" if cfg["glue_task"] == "mnli" else "dev", data_dir)
+        log(f"data: {cfg['glue_task']} from {data_dir}: {len(train):,} train, {len(dev):,} dev")
+        return train, dev[:cfg["eval_limit"] or None]
+    if cfg["data_path"]:  # the commonsense prompt template; evaluation still on data_dir's test sets
+        records = read_instructions(cfg["data_path"])
+        log(f"data: {cfg['data_path']} ({len(records):,} records)")
+    else:
+        records, what = load_train(data_dir)
+        log(f"data: {data_dir}: {what}")
+    # the authors' val split: val_set_size examples held out with a fixed seed (42)
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(42)).tolist()
+    k = min(cfg["val_set_size"], len(records) // 2)
+    return [records[i] for i in sorted(perm[k:])], [records[i] for i in sorted(perm[:k])]
+
+
+def check_against(cfg, model, tok, clf, data_dir):
+    """The flags that depend on the model and the data: cutoff_len, max_new_tokens, eval_sets."""
+    n = model.args.max_seq_len
+    if cfg["cutoff_len"] > n:
+        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: more than the model's max_seq_len {n} ({cfg['init_from']})")
+    if clf is None and cfg["max_new_tokens"] >= n:
+        raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: leaves no room for the prompt in the model's "
+                         f"max_seq_len {n} ({cfg['init_from']})")
+    if clf is not None and cfg["cutoff_len"] < len(tok.encode(GLUE_SEP)) + 3:
+        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: a sentence pair needs at least "
+                         f"{len(tok.encode(GLUE_SEP)) + 3} tokens (BOS, one of each sentence, the separator)")
+    for name in cfg["eval_sets"] if clf is None else ():
+        if not (Path(data_dir) / "dataset" / name / "test.json").is_file():
+            raise FileNotFoundError(f"--eval_sets={','.join(cfg['eval_sets'])}: no test set {name} in {data_dir} "
+                                    f"({Path(data_dir) / 'dataset' / name / 'test.json'})")
 
 
 # -----------------------------------------------------------------------------
@@ -238,3 +318,36 @@ def val_loss(model, tok, cfg, records):
         count += n
     model.train()
     return (total / max(count, 1)).item()
+
+
+# -----------------------------------------------------------------------------
+# the base model's accuracy (cached in out_dir) and --eval_only
+
+
+def protocol(cfg, data_dir):
+    """What an accuracy depends on besides the adapter: the base eval cache is valid while this is unchanged."""
+    return dict(init_from=cfg["init_from"], tokenizer=cfg["tokenizer"], data_dir=str(Path(data_dir).resolve()),
+                eval_sets=eval_set_names(cfg, data_dir), **{k: cfg[k] for k in (
+                    "eval_limit", "num_beams", "max_new_tokens", "dtype")})
+
+
+def cached_base(cfg, data_dir, out_dir):
+    f = out_dir / "eval_base.json"
+    c = json.loads(f.read_text()) if f.is_file() else {}
+    return c["accuracy"] if c.get("protocol") == protocol(cfg, data_dir) else None
+
+
+def evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, dev_set):
+    """--eval_only: the adapter (and head) in out_dir if there is one, else the base model."""
+    verify_checkpoint(out_dir)
+    base = None
+    if (out_dir / "adapter_config.json").is_file():
+        load_adapter(model, out_dir)
+        base = cached_base(cfg, data_dir, out_dir)
+        log(f"eval: adapter from {out_dir}")
+    else:
+        log(f"eval: no adapter in {out_dir}: evaluating {cfg['init_from']} as it is")
+    if clf is None:
+        return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
+    read_head(out_dir, clf.head)
+    return evaluate_glue(clf, tok, cfg, dev_set, out_dir, rank, world)[1]

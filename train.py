@@ -19,7 +19,8 @@ References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' c
 (zhangyilang/RefLoRA commonsense_reasoning/finetune.py + evaluate.py, from LLM-Adapters): prompts, tokenize()
 with EOS and cutoff_len, 120 held-out examples, beam search 4 / 32 new tokens; HF Trainer as they ran it:
 get_linear_schedule_with_warmup, grad-norm clip 1.0, loss averaged over the accumulation steps.
-The evaluation protocols live in evaluate.py, the training-state checkpoint (state.pt) in checkpoint.py.
+Its one job: the config values, then the loop. Data loading and evaluation live in evaluate.py, the training
+state (state.pt, resume, out_dir checks and lock) in checkpoint.py.
 """
 import json
 import os
@@ -35,19 +36,20 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from checkpoint import FILES as CHECKPOINT_FILES, load_adapter, load_checkpoint, load_model, lock_out_dir, read_head, \
-    recover, resolve_checkpoint, restore_rng, save_adapter, save_checkpoint, training_state, trim_log, unlock_out_dir, \
-    verify_checkpoint
+from checkpoint import check_out_dir, load_model, lock_out_dir, resolve_checkpoint, resume_checkpoint, \
+    save_checkpoint, start_run, training_state, unlock_out_dir
 from configurator import check, configure, fail
-from data.commonsense.prepare import DATASETS, load_train, read_instructions
-from data.glue.prepare import TASKS as GLUE_TASKS, glue_path, read_glue
-from evaluate import GLUE_SEP, autocast, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, eval_set_names, \
-    evaluate, evaluate_glue, hms, lm_batch, val_loss, write_json
-from model import add_lora, generate, lora_state_dict, merge_lora
+from data.commonsense.prepare import DATASETS
+from data.glue.prepare import TASKS as GLUE_TASKS
+from evaluate import autocast, cached_base, check_against, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, \
+    eval_set_names, evaluate, evaluate_glue, evaluate_out_dir, group_by_len, hms, lm_batch, load_data, protocol, \
+    resolve_data_dir, val_loss, write_json
+from model import add_lora, merge_lora
 from reflora import RefLoRA, local
 from tokenizer import load_tokenizer
-
-ROOT = Path(__file__).resolve().parent
+from checkpoint import load_adapter  # noqa: F401  (load_adapter, GLUE_SEP, lora_state_dict: train.<name> in tests)
+from evaluate import GLUE_SEP  # noqa: F401
+from model import lora_state_dict  # noqa: F401
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -182,63 +184,6 @@ def parse_config(argv):
 
 
 # -----------------------------------------------------------------------------
-# data: commonsense (LLM-Adapters JSON) and GLUE; tokenized on the fly, one deterministic permutation per epoch
-
-
-def resolve_data_dir(cfg):
-    if cfg["data_dir"]:
-        return Path(cfg["data_dir"])
-    local = ROOT / "data" / cfg["task"]
-    if cfg["task"] == "commonsense":
-        prepared = (local / "commonsense_170k.json").is_file() or (local / "dataset").is_dir()
-    else:
-        prepared = glue_path(cfg["glue_task"], "train", local).is_file()
-    return local if prepared else ROOT.parent / "shared" / "data" / cfg["task"]
-
-
-
-def group_by_len(perm, lengths, batch_size, g, mega=50):
-    """A permutation whose consecutive batch_size-blocks hold examples of similar length: HF's LengthGroupedSampler
-    (chunks of `mega` batches of the shuffled order, each sorted by length), then the full batches of each chunk
-    shuffled, so that a run shorter than a chunk does not go from the longest examples to the shortest."""
-    out = []
-    for c in perm.split(mega * batch_size):
-        c = c[torch.tensor([lengths[i] for i in c.tolist()]).argsort(descending=True, stable=True)]
-        n = len(c) // batch_size * batch_size
-        blocks = c[:n].view(-1, batch_size)  # (batches, batch_size)
-        out += [blocks[torch.randperm(len(blocks), generator=g)].flatten(), c[n:]]
-    return torch.cat(out)
-
-
-
-def load_data(cfg, data_dir, log):
-    """-> (train records, validation records) of the task; an unreadable file is one line naming it (or data_dir)."""
-    try:
-        return _load_data(cfg, data_dir, log)
-    except ValueError as e:
-        raise e if str(data_dir) in str(e) else ValueError(f"{data_dir}: {e}") from None
-
-
-def _load_data(cfg, data_dir, log):
-    if cfg["task"] == "glue":
-        train = read_glue(cfg["glue_task"], "train", data_dir)
-        dev = read_glue(cfg["glue_task"], "dev_matched" if cfg["glue_task"] == "mnli" else "dev", data_dir)
-        log(f"data: {cfg['glue_task']} from {data_dir}: {len(train):,} train, {len(dev):,} dev")
-        return train, dev[:cfg["eval_limit"] or None]
-    if cfg["data_path"]:  # the commonsense prompt template; evaluation still on data_dir's test sets
-        records = read_instructions(cfg["data_path"])
-        log(f"data: {cfg['data_path']} ({len(records):,} records)")
-    else:
-        records, what = load_train(data_dir)
-        log(f"data: {data_dir}: {what}")
-    # the authors' val split: val_set_size examples held out with a fixed seed (42)
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(42)).tolist()
-    k = min(cfg["val_set_size"], len(records) // 2)
-    return [records[i] for i in sorted(perm[k:])], [records[i] for i in sorted(perm[:k])]
-
-
-
-# -----------------------------------------------------------------------------
 # model: LLaMA + LoRA (+ a float32 linear head for glue)
 
 
@@ -286,7 +231,6 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A
               "4090": 165e12, "3090": 71e12, "V100": 125e12}  # dense bf16 (fp16 for V100)
 
 
-
 # -----------------------------------------------------------------------------
 # distributed: torchrun's processes, DDP or FSDP2 (how the job is laid out, not what is saved)
 
@@ -304,7 +248,6 @@ def _setup(cfg):
     return True, int(os.environ["RANK"]), world, torch.device(dev)
 
 
-
 def _fully_shard(net, model, clf, bf16):
     """FSDP2: each block, the head, then the rest (embeddings, norm, output) as the root; rows sharded over ranks."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -316,7 +259,6 @@ def _fully_shard(net, model, clf, bf16):
     if clf is not None:
         fully_shard(clf.head)  # float32, as the head computes
     fully_shard(net, mp_policy=mp)
-
 
 
 # -----------------------------------------------------------------------------
@@ -331,11 +273,11 @@ def train(cfg):
     log("config: " + json.dumps(cfg))
     if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
         raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
-    _check_out_dir(cfg, out_dir)
+    check_out_dir(cfg, out_dir)
     torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
     model, tok, clf = build(cfg, dev, dtype_of(cfg, dev))
     data_dir = resolve_data_dir(cfg)
-    _check_against(cfg, model, tok, clf, data_dir)
+    check_against(cfg, model, tok, clf, data_dir)
     train_set, val_set = load_data(cfg, data_dir, log) if not cfg["eval_only"] or clf is not None else ([], [])
     if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
         raise ValueError(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size × processes "
@@ -349,14 +291,11 @@ def train(cfg):
         lock_out_dir(out_dir)
     try:
         if rank == 0:
-            recover(out_dir)  # a save that a crash interrupted: completed, or discarded
-            if cfg["overwrite"]:
-                for f in (*CHECKPOINT_FILES, "log.jsonl"):
-                    (out_dir / f).unlink(missing_ok=True)
+            start_run(out_dir, cfg["overwrite"])
         if ddp:
             torch.distributed.barrier()
         if cfg["eval_only"]:
-            return _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
+            return evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
         base = _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None else None
         r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
             cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok,
@@ -375,51 +314,9 @@ def train(cfg):
             unlock_out_dir(out_dir)
 
 
-def _check_out_dir(cfg, out_dir):
-    """out_dir can be a directory; a new run does not replace a checkpoint unasked; resume and eval_only find what
-    they read there."""
-    for p in (out_dir, *out_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"--out_dir={out_dir}: {p} is a file, not a directory")
-            break
-    pending = (out_dir / ".new" / CHECKPOINT_FILES[-1]).is_file()  # a committed save that recover() completes
-    saved = pending or (out_dir / "state.pt").is_file()
-    if cfg["resume"] and not saved:
-        raise FileNotFoundError(f"--resume=True: {out_dir / 'state.pt'} does not exist")
-    if not (cfg["resume"] or cfg["eval_only"] or cfg["overwrite"]) and saved:
-        raise ValueError(f"--out_dir={out_dir} holds a checkpoint ({out_dir / 'state.pt'}): continue it with "
-                         "--resume=True, or replace it with --overwrite=True (or use another --out_dir)")
-    if cfg["eval_only"]:
-        if not out_dir.is_dir():
-            raise FileNotFoundError(f"--eval_only=True: --out_dir={out_dir} does not exist (it reads the adapter "
-                                    "there; for the base model pass an empty directory)")
-        have = [f for f in ("adapter_config.json", "adapter_model.safetensors") if (out_dir / f).is_file()]
-        if len(have) == 1 and not pending:
-            raise FileNotFoundError(f"--eval_only=True: {out_dir / have[0]} without "
-                                    f"{({'adapter_config.json', 'adapter_model.safetensors'} - set(have)).pop()}")
-
-
-def _check_against(cfg, model, tok, clf, data_dir):
-    """The flags that depend on the model and the data: cutoff_len, max_new_tokens, eval_sets."""
-    n = model.args.max_seq_len
-    if cfg["cutoff_len"] > n:
-        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: more than the model's max_seq_len {n} ({cfg['init_from']})")
-    if clf is None and cfg["max_new_tokens"] >= n:
-        raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: leaves no room for the prompt in the model's "
-                         f"max_seq_len {n} ({cfg['init_from']})")
-    if clf is not None and cfg["cutoff_len"] < len(tok.encode(GLUE_SEP)) + 3:
-        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: a sentence pair needs at least "
-                         f"{len(tok.encode(GLUE_SEP)) + 3} tokens (BOS, one of each sentence, the separator)")
-    for name in cfg["eval_sets"] if clf is None else ():
-        if not (Path(data_dir) / "dataset" / name / "test.json").is_file():
-            raise FileNotFoundError(f"--eval_sets={','.join(cfg['eval_sets'])}: no test set {name} in {data_dir} "
-                                    f"({Path(data_dir) / 'dataset' / name / 'test.json'})")
-
-
 def _train(r):
     cfg, model, clf, dev, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.dev, r.rank, r.world, r.log, r.out_dir
-    train_set, tok, data_dir, base = r.train_set, r.tok, r.data_dir, r.base
+    train_set, tok = r.train_set, r.tok
     r.accum = r.per_rank // r.mb
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
         _fully_shard(r.net, model, clf, dtype_of(cfg, dev) == torch.bfloat16)
@@ -453,7 +350,14 @@ def _train(r):
             _stop_on_signal(r)
     finally:
         SIGNALS.armed = False
+    return _finish(r)
 
+
+def _finish(r):
+    """After the loop: the benchmark on the merged model beside the base model (finished commonsense runs), the
+    final line; -> dict(iter, best_val[, eval])."""
+    cfg, model, clf, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.rank, r.world, r.log, r.out_dir
+    tok, data_dir, base = r.tok, r.data_dir, r.base
     result = dict(iter=r.it, best_val=r.best_val)
     if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
         log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
@@ -463,7 +367,7 @@ def _train(r):
         merge_lora(model)
         result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
         if rank == 0:
-            write_json(out_dir / "eval.json", dict(protocol=_protocol(cfg, data_dir), method=cfg["method"],
+            write_json(out_dir / "eval.json", dict(protocol=protocol(cfg, data_dir), method=cfg["method"],
                                                    iters=r.it, base=base, finetuned=result["eval"]))
     if r.logf:
         r.logf.close()
@@ -472,19 +376,12 @@ def _train(r):
     return result
 
 
-def _protocol(cfg, data_dir):
-    """What an accuracy depends on besides the adapter: the base eval cache is valid while this is unchanged."""
-    return dict(init_from=cfg["init_from"], tokenizer=cfg["tokenizer"], data_dir=str(Path(data_dir).resolve()),
-                eval_sets=eval_set_names(cfg, data_dir), **{k: cfg[k] for k in (
-                    "eval_limit", "num_beams", "max_new_tokens", "dtype")})
-
-
 def _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log):
     """The base model's accuracy on the same examples, for the final table: with A = 0 the untrained adapter IS
     the base model. Cached in out_dir/eval_base.json under its protocol; None when off or nothing to evaluate."""
     if not cfg["eval_base"] or cfg["fsdp"] or not eval_set_names(cfg, data_dir):
         return None
-    f, key, acc = out_dir / "eval_base.json", _protocol(cfg, data_dir), _cached_base(cfg, data_dir, out_dir)
+    f, key, acc = out_dir / "eval_base.json", protocol(cfg, data_dir), cached_base(cfg, data_dir, out_dir)
     if acc is not None:
         log(f"eval base: {f} (cached)")
         return acc
@@ -493,12 +390,6 @@ def _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log):
     if rank == 0:
         write_json(f, dict(protocol=key, accuracy=acc))
     return acc
-
-
-def _cached_base(cfg, data_dir, out_dir):
-    f = out_dir / "eval_base.json"
-    c = json.loads(f.read_text()) if f.is_file() else {}
-    return c["accuracy"] if c.get("protocol") == _protocol(cfg, data_dir) else None
 
 
 def _summary(cfg, out_dir, log):
@@ -531,12 +422,9 @@ def _optimizer(cfg, model, clf, total, dev):
 def _resume(r):
     """Counters, LoRA (+ head), optimizer, schedule and this rank's generators from out_dir/state.pt; the settings
     in MAY_CHANGE as given now; log.jsonl cut back to the checkpoint's iteration."""
-    verify_checkpoint(r.out_dir)
-    st, changed = load_checkpoint(r.out_dir / "state.pt", r.cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE)
+    st, changed = resume_checkpoint(r.out_dir, r.cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE, r.rank, r.world,
+                                    r.dev)
     r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
-    restore_rng(st, r.rank, r.world, r.dev)
-    if r.rank == 0:
-        trim_log(r.out_dir / "log.jsonl", r.it)
     r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
         f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
 
@@ -672,22 +560,6 @@ def _checkpoint(r, validate=True):
     r.last_saved = r.it
     if r.ddp:
         torch.distributed.barrier()
-
-
-def _eval_only(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, dev_set):
-    """--eval_only: the adapter (and head) in out_dir if there is one, else the base model."""
-    verify_checkpoint(out_dir)
-    base = None
-    if (out_dir / "adapter_config.json").is_file():
-        load_adapter(model, out_dir)
-        base = _cached_base(cfg, data_dir, out_dir)
-        log(f"eval: adapter from {out_dir}")
-    else:
-        log(f"eval: no adapter in {out_dir}: evaluating {cfg['init_from']} as it is")
-    if clf is None:
-        return evaluate(merge_lora(model).eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
-    read_head(out_dir, clf.head)
-    return evaluate_glue(clf, tok, cfg, dev_set, out_dir, rank, world)[1]
 
 
 def main(argv=None):
