@@ -296,7 +296,10 @@ def train(cfg):
             torch.distributed.barrier()
         if cfg["eval_only"]:
             return evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
-        base = _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None else None
+        # the base model's accuracy, cached in out_dir; a resumed run reads the first run's cache at the end instead
+        # (nothing is evaluated or written before the saved config has been checked against the flags)
+        base = _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None and not cfg["resume"] \
+            else None
         r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
             cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok,
             clf=clf, net=model if clf is None else clf, train_set=train_set, val_set=val_set, data_dir=data_dir,
@@ -357,7 +360,8 @@ def _finish(r):
     """After the loop: the benchmark on the merged model beside the base model (finished commonsense runs), the
     final line; -> dict(iter, best_val[, eval])."""
     cfg, model, clf, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.rank, r.world, r.log, r.out_dir
-    tok, data_dir, base = r.tok, r.data_dir, r.base
+    tok, data_dir = r.tok, r.data_dir
+    base = r.base if r.base is not None or clf is not None else cached_base(cfg, data_dir, out_dir)
     result = dict(iter=r.it, best_val=r.best_val)
     if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
         log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
