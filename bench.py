@@ -465,6 +465,29 @@ def bench_toy(args):
         toy_png(setting, curves, args.png)
     return toy_json(setting, curves)
 
+
+def adam_step(m=576, n=576, r=8, lr=1e-3, seed=0):
+    """Why the refactorings do little under AdamW (README, "Convergence on a real model"): one AdamW step on
+    min ½‖Y − ABᵀ‖² from the same unbalanced (A, B), ‖ΔW‖ for lora, reflora and reflora-s, against s = ‖B‖/‖A‖.
+    Adam's step is about ±lr per coordinate whatever the gradient's scale, so RefLoRA's preconditioned gradient
+    gives about LoRA's step, and RefLoRA-S's balance shrinks ‖ΔW‖ ≈ lr(‖ΔA‖‖B‖ + ‖A‖‖ΔB‖) by up to (1 + s)/(2√s)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    Y, rows = rand(m, 4) @ rand(4, n) / 10, []
+    for a in (1e-3, 1e-2, 1e-1):  # ‖A‖ / ‖B‖: LoRA's A grows from 0 while B keeps its random init
+        A0, B0, dW = a * rand(m, r) / m ** 0.5, rand(n, r) / n ** 0.5, {}
+        for method in reflora.METHODS:
+            A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+            opt = reflora.RefLoRA([(A, B)], method=method, lr=lr, warmup=0)  # reflora-s: balanced before the step
+            (0.5 * (Y - A @ B.T).square().sum()).backward()
+            opt.step()
+            dW[method] = torch.linalg.norm(A.detach() @ B.detach().T - A0 @ B0.T).item()
+        s = reflora.optimal_s(A0, B0).item()
+        rows.append(dict(s=s, bound=(1 + s) / (2 * s ** 0.5), **dW))
+        print(f"s = {s:7.1f}   (1+s)/(2√s) = {rows[-1]['bound']:5.1f}   ‖ΔW‖  lora {dW['lora']:.2e}   reflora "
+              f"{dW['reflora']:.2e}   reflora-s {dW['reflora-s']:.2e}   lora / reflora-s {dW['lora'] / dW['reflora-s']:.1f}")
+    return rows
+
 # -----------------------------------------------------------------------------
 # the suite: every GPU number the README promises, in one command, each part on its own
 
@@ -749,6 +772,7 @@ def main(argv=None):
     p.add_argument("--suite", action="store_true", help="every GPU number of the README (needs CUDA, or --device)")
     p.add_argument("--refactor", action="store_true", help="micro-benchmark of one refactor step")
     p.add_argument("--toy", action="store_true", help="the paper's matrix-factorization toy")
+    p.add_argument("--adam_step", action="store_true", help="one AdamW step: ‖ΔW‖ of the three methods vs s")
     p.add_argument("--toy_setting", default="paper", choices=list(TOY_SETTINGS), help="paper or normalized")
     p.add_argument("--generate", action="store_true", help="batched vs one-by-one beam search")
     p.add_argument("--compare_dtypes", action="store_true", help="training step: float32 eager vs bfloat16")
@@ -790,6 +814,8 @@ def main(argv=None):
         res = suite(args)
     elif args.toy:
         res = bench_toy(args)
+    elif args.adam_step:
+        res = adam_step()
     elif args.refactor:
         res = bench_refactor(args)
     elif args.generate:

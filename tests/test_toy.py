@@ -39,3 +39,13 @@ def test_toy_normalized_setting_scaledgd_wins():
     _, curves = bench.toy("normalized", methods=("scaledgd", "reflora"), iters=60)
     assert bench.iters_to(curves["scaledgd@0.25"], 1e-3) is not None
     assert bench.iters_to(curves["reflora@0.25"], 1e-3) is None
+
+
+def test_adam_step_explains_the_glue_result():
+    """Under AdamW one step's ‖ΔW‖ is about LoRA's for RefLoRA (Adam normalizes the preconditioned gradient per
+    coordinate) and smaller for RefLoRA-S by about (1 + s)/(2√s) once it balances unbalanced factors."""
+    rows = bench.adam_step(m=128, n=96)
+    for row in rows:
+        assert abs(row["reflora"] / row["lora"] - 1) < 0.05
+        assert row["bound"] / 3 < row["lora"] / row["reflora-s"] < 3 * row["bound"]
+    assert rows[0]["lora"] / rows[0]["reflora-s"] > 5  # s ~ 1e3: the balanced step is several times smaller
