@@ -28,6 +28,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -569,7 +570,9 @@ def _checkpoint(r, validate=True):
 def main(argv=None):
     """The CLI: every error is one line on stderr; exit 2 (bad input), 1 (divergence), 130 / 143 (SIGINT / SIGTERM)."""
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143 (handlers can only be set from the main thread)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
         train(cfg)
     except TrainingDiverged as e:

@@ -98,7 +98,7 @@ def test_compiled_classifier_step_matches_eager(clf):
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[0, :5] = mask[1, :2] = False  # left padding
     labels = torch.tensor([0, 2, 1])
-    loss = lambda f: T._cls_loss(f(x, mask), labels)  # noqa: E731
+    loss = lambda f: T.cls_loss(f(x, mask), labels)  # noqa: E731
     _close(_step(model, compiled, "reflora", loss), _step(model, model, "reflora", loss))
 
 
