@@ -1,6 +1,7 @@
 """
 What the network computes: the LLaMA family (ModelArgs, presets, the Transformer with its KV cache), hand-written
-LoRA, and generation (greedy, sampling, beam search). Weights get in and out through checkpoint.py.
+LoRA, the GLUE classifier (a linear head on the last token) and the training FLOPs of a LoRA model, and generation
+(greedy, sampling, beam search). Weights get in and out through checkpoint.py.
 
 References:
 1) Touvron et al., LLaMA (arXiv 2302.13971), Llama 2 (2307.09288); Llama 3 herd (2407.21783). Meta's reference
@@ -313,6 +314,36 @@ def merge_lora(model):
 
 def lora_state_dict(model):
     return {k: v.detach() for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("A", "B")}
+
+
+# -----------------------------------------------------------------------------
+# The GLUE classifier and the training FLOPs of a LoRA model
+
+
+class Classifier(nn.Module):
+    """The LLaMA body (LoRA) and a trainable float32 linear head on the last real token's hidden state."""
+
+    def __init__(self, llm, n_out):
+        super().__init__()
+        self.llm = llm
+        self.head = nn.Linear(llm.args.dim, n_out, device=llm.tok_embeddings.weight.device)
+
+    def forward(self, x, mask):
+        h, _ = self.llm(x, attn_mask=mask, return_hidden=True)  # (B, T, dim)
+        with torch.autocast(x.device.type, enabled=False):
+            return self.head(h[:, -1].float())  # (B, n_out); left padding: -1 is the last real token
+
+
+def flops_per_token(model, lm_head=True):
+    """(f0, f1): training FLOPs per token = f0 + f1·T at sequence length T. LoRA: frozen weights get no weight
+    gradient, so 2N forward + 2N input-gradient for every matmul weight, + 2N weight-gradient for trainable ones;
+    attention's QKᵀ and AV add 12·n_layers·dim·T (forward + backward, causal mask not discounted, as nanoGPT).
+    The embedding lookup is free; a tied embedding counts once, as the LM head."""
+    a, emb = model.args, model.tok_embeddings.weight.numel()
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_frozen -= (0 if a.tie_word_embeddings else emb) + (0 if lm_head else emb)
+    return 4 * n_frozen + 6 * n_lora, 12 * a.n_layers * a.dim
 
 
 # -----------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn as nn
 
 from checkpoint import check_out_dir, load_model, lock_out_dir, resolve_checkpoint, resume_checkpoint, \
     save_checkpoint, start_run, training_state, unlock_out_dir
@@ -45,7 +44,7 @@ from data.glue.prepare import TASKS as GLUE_TASKS
 from evaluate import autocast, cached_base, check_against, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, \
     eval_set_names, evaluate, evaluate_glue, evaluate_out_dir, group_by_len, hms, lm_batch, load_data, protocol, \
     resolve_data_dir, val_loss, write_json
-from model import add_lora, merge_lora
+from model import Classifier, add_lora, flops_per_token, merge_lora
 from reflora import RefLoRA, local
 from tokenizer import load_tokenizer
 from checkpoint import load_adapter  # noqa: F401  (load_adapter, GLUE_SEP, lora_state_dict: train.<name> in tests)
@@ -185,21 +184,7 @@ def parse_config(argv):
 
 
 # -----------------------------------------------------------------------------
-# model: LLaMA + LoRA (+ a float32 linear head for glue)
-
-
-class Classifier(nn.Module):
-    """The LLaMA body (LoRA) and a trainable float32 linear head on the last real token's hidden state."""
-
-    def __init__(self, llm, n_out):
-        super().__init__()
-        self.llm = llm
-        self.head = nn.Linear(llm.args.dim, n_out, device=llm.tok_embeddings.weight.device)
-
-    def forward(self, x, mask):
-        h, _ = self.llm(x, attn_mask=mask, return_hidden=True)  # (B, T, dim)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.head(h[:, -1].float())  # (B, n_out); left padding: -1 is the last real token
+# model: LLaMA + LoRA (+ model.Classifier's float32 linear head for glue)
 
 
 def build(cfg, device, dtype):
@@ -214,18 +199,6 @@ def build(cfg, device, dtype):
     model.grad_checkpoint = cfg["grad_checkpoint"]
     clf = Classifier(model, GLUE_TASKS[cfg["glue_task"]]["num_labels"]) if cfg["task"] == "glue" else None
     return model, tok, clf
-
-
-def flops_per_token(model, lm_head=True):
-    """(f0, f1): training FLOPs per token = f0 + f1·T at sequence length T. LoRA: frozen weights get no weight
-    gradient, so 2N forward + 2N input-gradient for every matmul weight, + 2N weight-gradient for trainable ones;
-    attention's QKᵀ and AV add 12·n_layers·dim·T (forward + backward, causal mask not discounted, as nanoGPT).
-    The embedding lookup is free; a tied embedding counts once, as the LM head."""
-    a, emb = model.args, model.tok_embeddings.weight.numel()
-    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    n_frozen -= (0 if a.tie_word_embeddings else emb) + (0 if lm_head else emb)
-    return 4 * n_frozen + 6 * n_lora, 12 * a.n_layers * a.dim
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
