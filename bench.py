@@ -16,7 +16,6 @@ References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem
 authors' repository; gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
 """
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -30,7 +29,8 @@ import torch
 
 import model as M
 import reflora
-import train
+from runstate import atomic_write
+from sample import generate
 
 # -----------------------------------------------------------------------------
 # timing
@@ -88,12 +88,6 @@ def header(device):
     print(f"device {v['device']} ({v['name']}, {v['threads']} threads), torch {v['torch']}, CUDA {v['cuda']}, "
           f"python {v['python']}", flush=True)
     return v
-
-
-def autocast(device, dtype):  # as train.py: bf16 autocast on CUDA; none on CPU (the weights' dtype rules)
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def is_oom(e):
@@ -179,20 +173,12 @@ def bench_refactor(args):
 # one training step per method, interleaved in one process
 
 
-def peak_flops(device, dtype):
-    """Dense bf16 peak of a known GPU (train.PEAK_FLOPS), else None (CPU, float32: no MFU)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in train.PEAK_FLOPS.items() if k in name), None)
-
-
 def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20, deadline=None):
     """Per method {step_ms, opt_ms, tokens_per_s, mfu, peak_mem_mb}, plus the overheads over lora and a
     compiled-vs-eager loss check. compile: torch.compile the model's forward as train.py does (a wrapper sharing
     the parameters) and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short."""
     device = tokens.device
-    cuda, amp = device.type == "cuda", autocast(device, dtype)
+    cuda, amp = device.type == "cuda", M.autocast(model)
     with torch.no_grad(), amp:
         loss_eager = model(tokens, targets)[1].item()
     fwd = torch.compile(model) if compile else model
@@ -242,9 +228,9 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
             s, o, mem = step(opt)
             times[m]["step"].append(s), times[m]["opt"].append(o)
             times[m]["mem"] = max(times[m]["mem"], mem)
-    f0, f1 = train.flops_per_token(model)  # LoRA FLOPs per token: 4·N_frozen + 6·N_lora + attention
+    f0, f1 = M.flops_per_token(model)  # LoRA FLOPs per token: 4·N_frozen + 6·N_lora + attention
     B, T = tokens.shape
-    fpt, peak = f0 + f1 * T, peak_flops(device, dtype)
+    fpt, peak = f0 + f1 * T, M.peak_flops(device) if dtype != torch.float32 else None  # float32: no MFU
     res = dict(batch_size=B, seq_len=T, dtype=str(dtype).removeprefix("torch."), compile=compile, iters=iters,
                first_step_s=first_s, warmup_s=warmup_s,
                loss_eager=loss_eager, loss_compiled=loss_fwd, loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager),
@@ -305,7 +291,7 @@ def random_prompts(n, lo, hi, vocab, seed=0):
 
 def generate_speed(model, prompts, beams, new_tokens, device):
     """Examples/s of one batched beam search over all prompts and of one prompt at a time, and the ratio."""
-    gen = lambda ps: M.generate(model, ps, new_tokens, eos_id=-1, pad_id=0, num_beams=beams)
+    gen = lambda ps: generate(model, ps, new_tokens, eos_id=-1, pad_id=0, num_beams=beams)
     t_batch = timeit(lambda: gen(prompts), device, warmup=1, iters=3)
     t_one = timeit(lambda: [gen([p]) for p in prompts], device, warmup=0, iters=1)
     return dict(prompts=len(prompts), beams=beams, new_tokens=new_tokens, batched=len(prompts) / t_batch * 1e3,
@@ -588,7 +574,7 @@ def fit_and_time(args, device, dtype, batches, deadline):
                     x = torch.randint(0, model.args.vocab_size, (b, args.seq_len + 1), generator=g).to(device)
                     if cuda:  # eager forward + backward first: fails fast, and leaves room for compile's buffers
                         torch.cuda.reset_peak_memory_stats(device)
-                        with autocast(device, dtype):
+                        with M.autocast(model):
                             loss = model(x[:, :-1], x[:, 1:])[1]
                         loss.backward()
                         del loss
@@ -760,13 +746,6 @@ def suite(args):
 # -----------------------------------------------------------------------------
 
 
-def write(path, text):  # to a temporary name, then renamed: no half-written file
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="every GPU number of the README (needs CUDA, or --device)")
@@ -826,11 +805,11 @@ def main(argv=None):
         res = bench_train(args)
     if args.json:
         out = res if args.suite else dict(res, device=str(args.device), torch=torch.__version__, config=vars(args))
-        write(args.json, json.dumps(out, indent=2) + "\n")
+        atomic_write(args.json, json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
         if args.suite:
             md = os.path.splitext(args.json)[0] + ".md"
-            write(md, res["markdown"])
+            atomic_write(md, res["markdown"])
             print(f"wrote {md}")
     return 0
 

@@ -1,5 +1,6 @@
 """
-Config as plain values: a script's defaults dict, then `config/<name>.py` files and `--name=value` flags, in order.
+The command line of the scripts: config as plain values (a script's defaults dict, then `config/<name>.py` files and
+`--name=value` flags, in order), one-line errors, and the durations progress lines print.
 
     cfg, given = configure(sys.argv[1:], DEFAULTS, doc=__doc__, prog="train.py")
 
@@ -89,6 +90,12 @@ def configure(argv, defaults, doc="", prog="train.py"):
         else:
             given.update(read_config_file(arg, defaults, prog))
     return {**defaults, **given}, given
+
+
+def hms(s):
+    """A duration for the progress lines: 1h02m, 4m05s."""
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def check(cfg, rules, prog="train.py"):

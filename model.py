@@ -1,15 +1,15 @@
 """
 What the network computes: the LLaMA family (ModelArgs, presets, the Transformer with its KV cache), hand-written
-LoRA, the GLUE classifier (a linear head on the last token) and the training FLOPs of a LoRA model, and generation
-(greedy, sampling, beam search). Weights get in and out through checkpoint.py.
+LoRA, the GLUE classifier (a linear head on the last token and its loss), its precision (bf16 where the hardware
+has it, autocast) and training FLOPs (and the peaks MFU is measured against). Weights get in and out through
+weights.py; generation (greedy, sampling, beam search) is sample.py's.
 
 References:
 1) Touvron et al., LLaMA (arXiv 2302.13971), Llama 2 (2307.09288); Llama 3 herd (2407.21783). Meta's reference
    code (meta-llama/llama, llama3: model.py) is what the forward pass matches, module names included.
 2) Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685; PEFT's LoraLayer for the
    default init.
-3) karpathy/nanoGPT and pytorch-labs/gpt-fast for the shape of the file; transformers' BeamSearchScorer (beam
-   search semantics).
+3) karpathy/nanoGPT and pytorch-labs/gpt-fast for the shape of the file.
 
 Notation: W = W_pt + A Bᵀ, A: (out, r), B: (in, r), y = x Wᵀ + (α/r) x B Aᵀ. PEFT: lora_B = A, lora_A = Bᵀ.
 """
@@ -265,8 +265,12 @@ class LoRALinear(nn.Module):
         self.B = nn.Parameter(torch.empty(in_f, r, dtype=dt, device=weight.device))
         # PEFT's default: kaiming_uniform_(lora_A.weight (r, in), a=√5), i.e. B ~ U(-1/√in, 1/√in)
         nn.init.kaiming_uniform_(self.B.T, a=math.sqrt(5))
-        self.r, self.alpha, self.scale = r, alpha, alpha / r
+        self.r, self.alpha = r, alpha
         self.dropout = nn.Dropout(dropout)
+
+    @property
+    def scale(self):  # LoRA's α/r
+        return self.alpha / self.r
 
     def forward(self, x):
         # y = x Wᵀ + (α/r)·drop(x) B Aᵀ, never forming A Bᵀ
@@ -279,12 +283,13 @@ class LoRALinear(nn.Module):
 
 
 _ATTN, _FFN = ("wq", "wk", "wv", "wo"), ("w1", "w2", "w3")
+TARGETS = _ATTN + _FFN  # the linear layers of a block that can carry LoRA
 
 
 def add_lora(model, r, alpha, dropout=0.0, targets=("wq", "wk", "wv", "w3", "w2")):
     """Wrap the targets of every block in LoRALinear (default: the paper's q, k, v, up, down); freeze the rest."""
-    if bad := sorted(set(targets) - set(_ATTN + _FFN)):
-        raise ValueError(f"unknown LoRA targets {bad} (choose from {_ATTN + _FFN})")
+    if bad := sorted(set(targets) - set(TARGETS)):
+        raise ValueError(f"unknown LoRA targets {bad} (choose from {TARGETS})")
     model.requires_grad_(False)
     for layer in model.layers:
         for name in targets:
@@ -317,7 +322,7 @@ def lora_state_dict(model):
 
 
 # -----------------------------------------------------------------------------
-# The GLUE classifier and the training FLOPs of a LoRA model
+# The GLUE classifier, the compute precision, and the training FLOPs of a LoRA model
 
 
 class Classifier(nn.Module):
@@ -334,6 +339,38 @@ class Classifier(nn.Module):
             return self.head(h[:, -1].float())  # (B, n_out); left padding: -1 is the last real token
 
 
+def cls_loss(logits, labels):
+    # one output and MSE for STS-B, cross-entropy otherwise
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0], labels.float())
+    return F.cross_entropy(logits, labels.long())
+
+
+def compute_dtype(name, dev):
+    """--dtype: auto = bf16 on CUDA and on CPUs with bf16 instructions (elsewhere bf16 matmuls are emulated, slow)."""
+    if name == "auto":
+        cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else dev.type == "cpu" and cpu_bf16
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def autocast(model):
+    """bf16 autocast when the frozen base is bf16 (CUDA and CPU): matmuls in bf16, LoRA factors and loss float32."""
+    p = next(model.parameters())
+    return torch.autocast(p.device.type, dtype=torch.bfloat16) if p.dtype == torch.bfloat16 else contextlib.nullcontext()
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
+              "4090": 165e12, "3090": 71e12, "V100": 125e12}  # dense bf16 (fp16 for V100), by device name
+
+
+def peak_flops(device):
+    """The dense bf16 peak FLOP/s of a known GPU (PEAK_FLOPS), else None (a CPU: no MFU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 def flops_per_token(model, lm_head=True):
     """(f0, f1): training FLOPs per token = f0 + f1·T at sequence length T. LoRA: frozen weights get no weight
     gradient, so 2N forward + 2N input-gradient for every matmul weight, + 2N weight-gradient for trainable ones;
@@ -344,118 +381,3 @@ def flops_per_token(model, lm_head=True):
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     n_frozen -= (0 if a.tie_word_embeddings else emb) + (0 if lm_head else emb)
     return 4 * n_frozen + 6 * n_lora, 12 * a.n_layers * a.dim
-
-
-# -----------------------------------------------------------------------------
-# Generation: batched greedy, sampling and beam search with a KV cache
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1, temperature=0.0, top_k=0, top_p=1.0,
-             generator=None, on_token=None):
-    """New tokens of each prompt (cut before EOS): greedy (temperature 0), sampling, or HF-style beam search
-    (length_penalty 1.0). on_token(row, token) is called as each kept token comes (not for beam search)."""
-    if not prompts or min(map(len, prompts)) == 0:
-        raise ValueError("generate: every prompt needs at least one token")
-    dev, training = model.tok_embeddings.weight.device, model.training
-    B, L = len(prompts), max(map(len, prompts))
-    tokens = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)  # (B, L) left-padded
-    # (B, L + new), False = padding
-    mask = torch.tensor([[False] * (L - len(p)) + [True] * (len(p) + max_new_tokens) for p in prompts], device=dev)
-    model.eval()
-    model.setup_cache(B, L + max_new_tokens)
-    try:
-        logits = model(tokens, attn_mask=mask[:, :L])[0][:, -1]
-        if num_beams > 1:
-            return _beam_search(model, logits, mask, L, max_new_tokens, eos_id, pad_id, num_beams)
-        pick = (lambda lg: lg.argmax(-1)) if temperature == 0 else \
-            (lambda lg: sample_next(lg, temperature, top_k, top_p, generator))
-        return _decode(model, logits, mask, L, max_new_tokens, eos_id, pick, on_token)
-    finally:
-        model.clear_cache()
-        model.train(training)
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row of logits (B, V), drawn from softmax(logits / temperature) restricted to the top_k most
-    likely (0: all) and to the nucleus, the fewest most likely tokens whose probability reaches top_p (Holtzman
-    et al., arXiv 1904.09751); a torch.Generator on the logits' device makes the draw reproducible."""
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        p, idx = logits.softmax(-1).sort(-1, descending=True)
-        late = p.cumsum(-1) - p >= top_p  # mass before the token already reaches top_p (the first never is late)
-        logits = logits.masked_fill(late.scatter(-1, idx, late), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def _step(model, tok, mask, L, t):  # logits after feeding new token t (one per row) through the cache
-    return model(tok[:, None], attn_mask=mask[:, : L + t + 1], start_pos=L + t)[0][:, -1]
-
-
-def _decode(model, logits, mask, L, max_new, eos_id, pick, on_token=None):
-    """pick(logits) -> next token per row (argmax: greedy); a finished row keeps decoding (batched), tokens dropped."""
-    out, done = [[] for _ in range(len(logits))], [False] * len(logits)
-    for t in range(max_new):
-        nxt = pick(logits)
-        for b, tok in enumerate(nxt.tolist()):
-            done[b] = done[b] or tok == eos_id
-            if not done[b]:
-                out[b].append(tok)
-                if on_token:
-                    on_token(b, tok)
-        if all(done) or t == max_new - 1:
-            break
-        logits = _step(model, nxt, mask, L, t)
-    return out
-
-
-def _add_hyp(hyps, nb, score, seq):  # keep the nb best finished hypotheses, best first
-    hyps.append((score, seq))
-    hyps.sort(key=lambda h: -h[0])
-    del hyps[nb:]
-
-
-def _beam_search(model, logits, mask, L, max_new, eos_id, pad_id, nb):
-    """transformers' beam search (BeamSearchScorer, early_stopping=False, length_penalty=1) with nb cache rows per
-    prompt: running beams ranked by their sum of log-probs, finished ones by that sum / generated length."""
-    B, V, dev = logits.shape[0], logits.shape[1], logits.device
-    model.reorder_cache(torch.arange(B, device=dev).repeat_interleave(nb))  # prefill once, then nb copies
-    mask = mask.repeat_interleave(nb, 0)
-    logp = logits.log_softmax(-1).repeat_interleave(nb, 0)  # (B*nb, V)
-    scores = torch.zeros(B, nb, dtype=logp.dtype, device=dev)
-    scores[:, 1:] = -1e9  # the nb beams start equal: only the first expands at step 0
-    seqs, hyps, done = [[] for _ in range(B * nb)], [[] for _ in range(B)], [False] * B
-    for t in range(max_new):
-        # beam score = sum of log-probs; 2·nb candidates so that nb survive even if nb of them are EOS
-        top, idx = (logp.view(B, nb, V) + scores[..., None]).view(B, nb * V).topk(2 * nb, dim=-1)
-        top, idx = top.tolist(), idx.tolist()
-        src = [b * nb + j for b in range(B) for j in range(nb)]  # (B*nb,) row each new beam extends
-        tok, new = [pad_id] * (B * nb), [0.0] * (B * nb)
-        for b in range(B):
-            if done[b]:
-                continue
-            k = b * nb
-            for rank, (s, i) in enumerate(zip(top[b], idx[b])):
-                beam, tk = b * nb + i // V, i % V
-                if tk == eos_id:  # finished: scored sum_logprobs / generated length (EOS counted)
-                    if rank < nb:  # HF keeps a finished hypothesis only from the top nb candidates
-                        _add_hyp(hyps[b], nb, s / (t + 1), seqs[beam])
-                    continue
-                src[k], tok[k], new[k], k = beam, tk, s, k + 1
-                if k == (b + 1) * nb:  # nb running beams: the rest of the candidates are not looked at
-                    break
-            # HF's early_stopping=False: done once the best candidate cannot beat the worst of nb finished ones
-            done[b] = len(hyps[b]) == nb and hyps[b][-1][0] >= top[b][0] / (t + 1)
-        seqs = [seqs[s] + [k] for s, k in zip(src, tok)]
-        scores = torch.tensor(new, dtype=logp.dtype, device=dev).view(B, nb)
-        if all(done) or t == max_new - 1:
-            break
-        model.reorder_cache(torch.tensor(src, device=dev))
-        logp = _step(model, torch.tensor(tok, device=dev), mask, L, t).log_softmax(-1)
-    for j, s in enumerate(scores.view(-1).tolist()):  # running beams compete with the finished ones at the end
-        if not done[j // nb]:
-            _add_hyp(hyps[j // nb], nb, s / len(seqs[j]), seqs[j])
-    return [h[0][1] for h in hyps]

@@ -1,6 +1,7 @@
 """
-Talk to a model: load a base checkpoint (and the PEFT adapter train.py wrote, if out_dir is given), format the
-prompt with the tokenizer's chat template, and print the answer as it is generated.
+Generation, and talking to a model with it: batched greedy, sampling and beam search over the model's KV cache
+(evaluate.py's protocol runs on these too); the CLI loads a base checkpoint (and the PEFT adapter train.py wrote,
+if out_dir is given), formats the prompt with the tokenizer's chat template and prints the answer as it comes.
 
     python sample.py --prompt="What is the capital of France?"
     python sample.py --out_dir=out --template=commonsense --prompt=FILE:question.txt --num_beams=4
@@ -11,14 +12,20 @@ top_k / top_p. Chat templates are recognised by family and formatted by hand (no
 (<|im_start|>role\\n...<|im_end|>, SmolLM2-Instruct) and LLaMA-3 headers.
 
 References: karpathy/nanoGPT's sample.py (shape of the file, plain config values with --name=value overrides);
-Hugging Face chat templates (tokenizer_config.json "chat_template", GGUF "tokenizer.chat_template").
+gpt-fast's generate.py (generation beside its CLI, apart from the model); transformers' BeamSearchScorer (beam
+search semantics); Hugging Face chat templates (tokenizer_config.json "chat_template", GGUF "tokenizer.chat_template").
 """
 import contextlib
+import json
 import re
 import sys
 from pathlib import Path
 
+import gguf
 import torch
+
+from data.commonsense.prepare import eval_prompt
+from weights import CheckpointError, load_adapter, load_base
 
 # -----------------------------------------------------------------------------
 # defaults; --name=value overrides, cast by the default's type
@@ -63,17 +70,130 @@ def parse_args(argv):
 
 
 # -----------------------------------------------------------------------------
+# Generation: batched greedy, sampling and beam search with a KV cache
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, eos_id, pad_id, num_beams=1, temperature=0.0, top_k=0, top_p=1.0,
+             generator=None, on_token=None):
+    """New tokens of each prompt (cut before EOS): greedy (temperature 0), sampling, or HF-style beam search
+    (length_penalty 1.0). on_token(row, token) is called as each kept token comes (not for beam search)."""
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("generate: every prompt needs at least one token")
+    dev, training = model.tok_embeddings.weight.device, model.training
+    B, L = len(prompts), max(map(len, prompts))
+    tokens = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=dev)  # (B, L) left-padded
+    # (B, L + new), False = padding
+    mask = torch.tensor([[False] * (L - len(p)) + [True] * (len(p) + max_new_tokens) for p in prompts], device=dev)
+    model.eval()
+    model.setup_cache(B, L + max_new_tokens)
+    try:
+        logits = model(tokens, attn_mask=mask[:, :L])[0][:, -1]
+        if num_beams > 1:
+            return _beam_search(model, logits, mask, L, max_new_tokens, eos_id, pad_id, num_beams)
+        pick = (lambda lg: lg.argmax(-1)) if temperature == 0 else \
+            (lambda lg: sample_next(lg, temperature, top_k, top_p, generator))
+        return _decode(model, logits, mask, L, max_new_tokens, eos_id, pick, on_token)
+    finally:
+        model.clear_cache()
+        model.train(training)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of logits (B, V), drawn from softmax(logits / temperature) restricted to the top_k most
+    likely (0: all) and to the nucleus, the fewest most likely tokens whose probability reaches top_p (Holtzman
+    et al., arXiv 1904.09751); a torch.Generator on the logits' device makes the draw reproducible."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        p, idx = logits.softmax(-1).sort(-1, descending=True)
+        late = p.cumsum(-1) - p >= top_p  # mass before the token already reaches top_p (the first never is late)
+        logits = logits.masked_fill(late.scatter(-1, idx, late), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _step(model, tok, mask, L, t):  # logits after feeding new token t (one per row) through the cache
+    return model(tok[:, None], attn_mask=mask[:, : L + t + 1], start_pos=L + t)[0][:, -1]
+
+
+def _decode(model, logits, mask, L, max_new, eos_id, pick, on_token=None):
+    """pick(logits) -> next token per row (argmax: greedy); a finished row keeps decoding (batched), tokens dropped."""
+    out, done = [[] for _ in range(len(logits))], [False] * len(logits)
+    for t in range(max_new):
+        nxt = pick(logits)
+        for b, tok in enumerate(nxt.tolist()):
+            done[b] = done[b] or tok == eos_id
+            if not done[b]:
+                out[b].append(tok)
+                if on_token:
+                    on_token(b, tok)
+        if all(done) or t == max_new - 1:
+            break
+        logits = _step(model, nxt, mask, L, t)
+    return out
+
+
+def _add_hyp(hyps, nb, score, seq):  # keep the nb best finished hypotheses, best first
+    hyps.append((score, seq))
+    hyps.sort(key=lambda h: -h[0])
+    del hyps[nb:]
+
+
+def _beam_search(model, logits, mask, L, max_new, eos_id, pad_id, nb):
+    """transformers' beam search (BeamSearchScorer, early_stopping=False, length_penalty=1) with nb cache rows per
+    prompt: running beams ranked by their sum of log-probs, finished ones by that sum / generated length."""
+    B, V, dev = logits.shape[0], logits.shape[1], logits.device
+    model.reorder_cache(torch.arange(B, device=dev).repeat_interleave(nb))  # prefill once, then nb copies
+    mask = mask.repeat_interleave(nb, 0)
+    logp = logits.log_softmax(-1).repeat_interleave(nb, 0)  # (B*nb, V)
+    scores = torch.zeros(B, nb, dtype=logp.dtype, device=dev)
+    scores[:, 1:] = -1e9  # the nb beams start equal: only the first expands at step 0
+    seqs, hyps, done = [[] for _ in range(B * nb)], [[] for _ in range(B)], [False] * B
+    for t in range(max_new):
+        # beam score = sum of log-probs; 2·nb candidates so that nb survive even if nb of them are EOS
+        top, idx = (logp.view(B, nb, V) + scores[..., None]).view(B, nb * V).topk(2 * nb, dim=-1)
+        top, idx = top.tolist(), idx.tolist()
+        src = [b * nb + j for b in range(B) for j in range(nb)]  # (B*nb,) row each new beam extends
+        tok, new = [pad_id] * (B * nb), [0.0] * (B * nb)
+        for b in range(B):
+            if done[b]:
+                continue
+            k = b * nb
+            for rank, (s, i) in enumerate(zip(top[b], idx[b])):
+                beam, tk = b * nb + i // V, i % V
+                if tk == eos_id:  # finished: scored sum_logprobs / generated length (EOS counted)
+                    if rank < nb:  # HF keeps a finished hypothesis only from the top nb candidates
+                        _add_hyp(hyps[b], nb, s / (t + 1), seqs[beam])
+                    continue
+                src[k], tok[k], new[k], k = beam, tk, s, k + 1
+                if k == (b + 1) * nb:  # nb running beams: the rest of the candidates are not looked at
+                    break
+            # HF's early_stopping=False: done once the best candidate cannot beat the worst of nb finished ones
+            done[b] = len(hyps[b]) == nb and hyps[b][-1][0] >= top[b][0] / (t + 1)
+        seqs = [seqs[s] + [k] for s, k in zip(src, tok)]
+        scores = torch.tensor(new, dtype=logp.dtype, device=dev).view(B, nb)
+        if all(done) or t == max_new - 1:
+            break
+        model.reorder_cache(torch.tensor(src, device=dev))
+        logp = _step(model, torch.tensor(tok, device=dev), mask, L, t).log_softmax(-1)
+    for j, s in enumerate(scores.view(-1).tolist()):  # running beams compete with the finished ones at the end
+        if not done[j // nb]:
+            _add_hyp(hyps[j // nb], nb, s / len(seqs[j]), seqs[j])
+    return [h[0][1] for h in hyps]
+
+
+# -----------------------------------------------------------------------------
 # chat templates, by family
 
 
 def chat_template(path):
     """The chat template string of a checkpoint folder (tokenizer_config.json) or .gguf file, or None."""
-    import json
     p = Path(path)
     if p.is_dir() and (p / "tokenizer_config.json").is_file():
         return json.loads((p / "tokenizer_config.json").read_text()).get("chat_template")
     if p.suffix == ".gguf":
-        import gguf
         field = gguf.GGUFReader(p).fields.get("tokenizer.chat_template")
         return field.contents() if field else None
     return None
@@ -107,7 +227,6 @@ def build_prompt(cfg, ckpt):
             _fail(f"--prompt={cfg['prompt']}: {e.strerror}")
     kind = cfg["template"]
     if kind == "commonsense":
-        from data.commonsense.prepare import eval_prompt
         return eval_prompt(text), True
     tpl = chat_template(ckpt) if ckpt and kind in ("auto", "chatml") else ""
     if kind == "auto":
@@ -123,7 +242,6 @@ def build_prompt(cfg, ckpt):
 
 def complete(model, tok, ids, cfg, out=None):
     """New token ids after `ids`; with `out` (a text stream) the decoded text is written as it comes."""
-    from model import generate
     shown, new = "", []
 
     def on_token(_, t):  # print the new suffix once it decodes to whole characters
@@ -141,18 +259,14 @@ def complete(model, tok, ids, cfg, out=None):
 
 
 def main(argv=None):
-    from checkpoint import CheckpointError, load_adapter, load_model, resolve_checkpoint
-    from tokenizer import load_tokenizer
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     if cfg["out_dir"] and not (Path(cfg["out_dir"]) / "adapter_config.json").is_file():
         _fail(f"--out_dir={cfg['out_dir']}: no adapter_config.json there")
     try:
-        ckpt = resolve_checkpoint(cfg["init_from"])
-        model = load_model(cfg["init_from"], dtype=torch.float32, device=cfg["device"])
+        model, tok, ckpt = load_base(cfg["init_from"], cfg["tokenizer"], torch.float32, cfg["device"])
         if cfg["out_dir"]:
             with contextlib.redirect_stdout(sys.stderr):  # add_lora's summary line: stdout is for the answer
                 load_adapter(model, cfg["out_dir"])
-        tok = load_tokenizer(cfg["tokenizer"] or ckpt or "bytes")
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     text, bos = build_prompt(cfg, ckpt)

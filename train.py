@@ -7,49 +7,43 @@ Finetune a LLaMA-family model with LoRA / RefLoRA / RefLoRA-S, then evaluate it.
     python train.py --task=glue --glue_task=rte              # LoRA + a linear head on the last token
     python train.py --eval_only=True --out_dir=out           # evaluate the adapter in out_dir
 
-Defaults are the plain values below; `config/<name>.py` files (simple `name = literal` lines, read without exec)
-and `--name=value` flags override them, in order. The resolved config is printed and saved in every checkpoint.
-Under torchrun the job is data-parallel (DDP): gradients are all-reduced on the last micro-step only, so RefLoRA
-sees the synchronized gradients and every rank computes the same S̃. With --fsdp=True each block is sharded by
-rows instead (FSDP2 fully_shard): RefLoRA sums its r×r Grams and norms over the shards (one all-reduce per step),
-checkpoints hold full tensors (the same state.pt as without sharding), and evaluation runs afterwards with
---eval_only=True, one whole model per rank.
+Defaults are the plain values below; `config/<name>.py` files (`name = literal` lines, read without exec) and
+`--name=value` flags override them, in order. The resolved config is printed and saved in every checkpoint. Under
+torchrun the job is data-parallel (DDP, gradients all-reduced on the last micro-step, so every rank computes the
+same S̃), or with --fsdp=True sharded by rows (FSDP2: RefLoRA sums its r×r Grams over the shards); see distributed.py.
 
 References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' commonsense recipe
-(zhangyilang/RefLoRA commonsense_reasoning/finetune.py + evaluate.py, from LLM-Adapters): prompts, tokenize()
-with EOS and cutoff_len, 120 held-out examples, beam search 4 / 32 new tokens; HF Trainer as they ran it:
+(zhangyilang/RefLoRA commonsense_reasoning/finetune.py, from LLM-Adapters); HF Trainer as they ran it:
 get_linear_schedule_with_warmup, grad-norm clip 1.0, loss averaged over the accumulation steps.
-Its one job: the config values, then the loop. Data loading and evaluation live in evaluate.py, the training
-state (state.pt, resume, out_dir checks and lock) in checkpoint.py.
+Its one job: the config values, then the loop. The data is dataset.py's, scoring evaluate.py's, the saved state
+(state.pt, resume, out_dir rules, lock, signals) runstate.py's, pretrained weights weights.py's.
 """
 import json
-import os
 import re
 import resource
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any, Callable, Optional
 
 import torch
 
-from checkpoint import check_out_dir, load_model, lock_out_dir, resolve_checkpoint, resume_checkpoint, \
-    save_checkpoint, start_run, training_state, unlock_out_dir
-from configurator import check, configure, fail
+import distributed
+import plot
+from configurator import check, configure, fail, hms
 from data.commonsense.prepare import DATASETS
 from data.glue.prepare import TASKS as GLUE_TASKS
-from evaluate import autocast, cached_base, check_against, cls_batch, cls_loss, dtype_of, encode_cls, encode_lm, \
-    eval_set_names, evaluate, evaluate_glue, evaluate_out_dir, group_by_len, hms, lm_batch, load_data, protocol, \
-    resolve_data_dir, val_loss, write_json
-from model import Classifier, add_lora, flops_per_token, merge_lora
-from reflora import RefLoRA, local
-from tokenizer import load_tokenizer
-from checkpoint import load_adapter  # noqa: F401  (load_adapter, GLUE_SEP, lora_state_dict: train.<name> in tests)
-from evaluate import GLUE_SEP  # noqa: F401
-from model import lora_state_dict  # noqa: F401
+from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm, lm_batch, load_data, \
+    resolve_data_dir, steps_per_epoch
+from evaluate import base_accuracy, evaluate_out_dir, evaluate_run, validate
+from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compute_dtype, flops_per_token, peak_flops
+from reflora import METHODS, RefLoRA, local
+from runstate import SIGNALS, Interrupted, TrainingDiverged, check_out_dir, claim, resume_checkpoint, save_checkpoint, \
+    signal_handlers, training_state
+from weights import load_base
 
 _before = set(globals())
 # -----------------------------------------------------------------------------
@@ -109,33 +103,8 @@ DEFAULTS = {k: v for k, v in globals().items() if k not in _before and k != "_be
 GLUE_DEFAULTS = dict(lora_r=8, lora_alpha=16, lr=1e-4, epochs=3, max_iters=0, cutoff_len=128, warmup_steps=100,
                      reflora_warmup=100, batch_size=16, micro_batch_size=16, group_by_length=False, eval_limit=0,
                      eval_interval=500)
-CHOICES = dict(method=("lora", "reflora", "reflora-s"), task=("commonsense", "glue"),
-               glue_task=("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"),
+CHOICES = dict(method=METHODS, task=("commonsense", "glue"), glue_task=tuple(GLUE_TASKS),
                dtype=("auto", "float32", "bfloat16"))
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss: main() prints it as one line and exits 1."""
-
-
-class Interrupted(BaseException):
-    """SIGINT / SIGTERM: main() prints one line and exits 128 + the signal number (130, 143). In the training loop
-    the first one stops after the current step and saves a checkpoint; elsewhere it stops at once."""
-
-    def __init__(self, signum, saved=False):
-        super().__init__(signum)
-        self.signum, self.saved, self.run = signum, saved, None
-
-
-SIGNALS = SimpleNamespace(armed=False, got=None)  # armed: inside the training loop
-
-
-def _on_signal(signum, frame):
-    if SIGNALS.armed and SIGNALS.got is None:
-        SIGNALS.got = signum  # the loop finishes the step, saves, then raises Interrupted
-    else:
-        raise Interrupted(signum)
 
 
 # -----------------------------------------------------------------------------
@@ -189,130 +158,116 @@ def parse_config(argv):
 
 def build(cfg, device, dtype):
     """-> (model, tokenizer, classifier or None): pretrained weights, LoRA on the targets, everything else frozen."""
-    ckpt = resolve_checkpoint(cfg["init_from"])
-    model = load_model(ckpt or cfg["init_from"], dtype=dtype, device=device)
-    tok_path = cfg["tokenizer"] or ("bytes" if ckpt is None else ckpt)
-    tok = load_tokenizer(str(tok_path))  # a .gguf file carries its tokenizer in its metadata
-    if tok.n_words > model.args.vocab_size:
-        raise ValueError(f"tokenizer {tok_path}: {tok.n_words} ids > the model's vocab_size {model.args.vocab_size}")
+    model, tok, _ = load_base(cfg["init_from"], cfg["tokenizer"], dtype, device)
     add_lora(model, cfg["lora_r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["lora_targets"])
     model.grad_checkpoint = cfg["grad_checkpoint"]
     clf = Classifier(model, GLUE_TASKS[cfg["glue_task"]]["num_labels"]) if cfg["task"] == "glue" else None
     return model, tok, clf
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,
-              "4090": 165e12, "3090": 71e12, "V100": 125e12}  # dense bf16 (fp16 for V100)
-
-
-# -----------------------------------------------------------------------------
-# distributed: torchrun's processes, DDP or FSDP2 (how the job is laid out, not what is saved)
-
-
-def _setup(cfg):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: -> (ddp, rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if world == 1:
-        return False, 0, 1, torch.device(dev)
-    torch.distributed.init_process_group(cfg["backend"] or ("nccl" if dev.startswith("cuda") else "gloo"))
-    if dev.startswith("cuda"):
-        dev = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(dev)
-    return True, int(os.environ["RANK"]), world, torch.device(dev)
-
-
-def _fully_shard(net, model, clf, bf16):
-    """FSDP2: each block, the head, then the rest (embeddings, norm, output) as the root; rows sharded over ranks."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # a block is gathered in one dtype: under bf16 the float32 LoRA factors travel (and compute) in bf16 too;
-    # gradients are reduced and kept in float32
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=mp)
-    if clf is not None:
-        fully_shard(clf.head)  # float32, as the head computes
-    fully_shard(net, mp_policy=mp)
-
-
 # -----------------------------------------------------------------------------
 # training: train() reads top to bottom; the step, the log line and the checkpoint are the helpers below it
+
+
+@dataclass
+class Run:
+    """One training run: what train() sets up, and the step, the log line and the checkpoint share."""
+    cfg: dict
+    ddp: bool
+    rank: int
+    world: int
+    dev: torch.device
+    out_dir: Path
+    log: Callable
+    model: Any  # the LLaMA with LoRA
+    tok: Any
+    clf: Any  # the GLUE classifier around model, or None
+    train_set: list
+    val_set: list
+    data_dir: Path
+    steps_per_epoch: int
+    base: Optional[dict]  # the base model's accuracy, the final table's first column (None: not measured)
+    opt: Any = None  # RefLoRA, and HF's linear schedule
+    sched: Any = None
+    fwd: Any = None  # the training forward (compiled, DDP)
+    order: Any = None  # dataset.BatchOrder: the examples of each step
+    trainable: list = field(default_factory=list)  # the parameters the optimizer steps
+    logf: Any = None  # the master's out_dir/log.jsonl
+    it: int = 0  # optimizer steps taken
+    best_val: float = float("inf")
+    last_saved: Optional[int] = None  # the iteration of the last checkpoint
+    # the log interval: summed loss, start time and step, real tokens, FLOPs
+    loss_sum: Any = None
+    t_log: float = 0.0
+    it_log: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+
+    def __post_init__(self):
+        self.net = self.model if self.clf is None else self.clf
+        self.encode = encode_lm if self.clf is None else encode_cls
+        self.total = self.cfg["max_iters"] or self.cfg["epochs"] * self.steps_per_epoch
+        self.per_rank, self.mb = self.cfg["batch_size"] // self.world, self.cfg["micro_batch_size"]
+        self.accum = self.per_rank // self.mb
+        self.f0, self.f1 = flops_per_token(self.model, lm_head=self.clf is None)
+        self.peak = peak_flops(self.dev)  # None on CPU: mfu is printed as -
 
 
 def train(cfg):
     """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers.
     Everything is checked (out_dir, model, data) before anything is written; out_dir is locked while it runs."""
-    ddp, rank, world, dev = _setup(cfg)
+    ddp, rank, world, dev = distributed.setup(cfg["device"], cfg["backend"])
     out_dir, log = Path(cfg["out_dir"]), (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log("config: " + json.dumps(cfg))
     if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
         raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
     check_out_dir(cfg, out_dir)
     torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
-    model, tok, clf = build(cfg, dev, dtype_of(cfg, dev))
+    model, tok, clf = build(cfg, dev, compute_dtype(cfg["dtype"], dev))
     data_dir = resolve_data_dir(cfg)
     check_against(cfg, model, tok, clf, data_dir)
     train_set, val_set = load_data(cfg, data_dir, log) if not cfg["eval_only"] or clf is not None else ([], [])
-    if cfg["batch_size"] % (cfg["micro_batch_size"] * world):
-        raise ValueError(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size × processes "
-                         f"= {cfg['micro_batch_size']} × {world}")
-    steps_per_epoch = len(train_set) // cfg["batch_size"]  # an epoch's last partial batch is dropped
-    if steps_per_epoch == 0 and not cfg["eval_only"]:
-        raise ValueError(f"{cfg['data_path'] or data_dir}: {len(train_set)} training examples, fewer than one batch "
-                         f"of {cfg['batch_size']}")
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock_out_dir(out_dir)
-    try:
-        if rank == 0:
-            start_run(out_dir, cfg["overwrite"])
+    n_steps = steps_per_epoch(cfg, train_set, world)
+    with claim(out_dir, cfg["overwrite"], master=rank == 0):
         if ddp:
             torch.distributed.barrier()
         if cfg["eval_only"]:
             return evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
         # the base model's accuracy, cached in out_dir; a resumed run reads the first run's cache at the end instead
         # (nothing is evaluated or written before the saved config has been checked against the flags)
-        base = _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None and not cfg["resume"] \
+        base = base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None and not cfg["resume"] \
             else None
-        r = SimpleNamespace(  # the run: what the step, log line and checkpoint share
-            cfg=cfg, ddp=ddp, rank=rank, world=world, dev=dev, out_dir=out_dir, log=log, model=model, tok=tok,
-            clf=clf, net=model if clf is None else clf, train_set=train_set, val_set=val_set, data_dir=data_dir,
-            steps_per_epoch=steps_per_epoch, total=cfg["max_iters"] or cfg["epochs"] * steps_per_epoch,
-            per_rank=cfg["batch_size"] // world, mb=cfg["micro_batch_size"],
-            encode=encode_lm if clf is None else encode_cls, perms={}, it=0, best_val=float("inf"), last_saved=None,
-            base=base)
+        r = Run(cfg, ddp, rank, world, dev, out_dir, log, model, tok, clf, train_set, val_set, data_dir, n_steps,
+                base)
         try:
             return _train(r)
         except Interrupted as e:
             e.run = r
             raise
-    finally:
-        if rank == 0:
-            unlock_out_dir(out_dir)
 
 
 def _train(r):
-    cfg, model, clf, dev, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.dev, r.rank, r.world, r.log, r.out_dir
-    train_set, tok = r.train_set, r.tok
-    r.accum = r.per_rank // r.mb
+    cfg = r.cfg
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
-        _fully_shard(r.net, model, clf, dtype_of(cfg, dev) == torch.bfloat16)
-    r.opt, r.sched = _optimizer(cfg, model, clf, r.total, dev)
+        distributed.shard(r.net, r.model, r.clf, compute_dtype(cfg["dtype"], r.dev) == torch.bfloat16)
+    r.opt, r.sched = _optimizer(cfg, r.model, r.clf, r.total, r.dev)
     r.trainable = [p for p in r.net.parameters() if p.requires_grad]
-    torch.manual_seed(cfg["seed"] + rank)  # dropout masks differ across ranks
-    if cfg["resume"]:
-        _resume(r)
+    torch.manual_seed(cfg["seed"] + r.rank)  # dropout masks differ across ranks
+    if cfg["resume"]:  # counters, LoRA (+ head), optimizer, schedule, this rank's generators; log.jsonl cut back
+        st, changed = resume_checkpoint(r.out_dir, cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE, r.rank, r.world,
+                                        r.dev)
+        r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
+        r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
+            f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
     r.fwd = _forward(r)
-    r.f0, r.f1 = flops_per_token(model, lm_head=clf is None)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
-    r.peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)  # None on CPU: mfu is printed as -
-    log(f"training: {len(train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({world} × {r.accum} × "
-        f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']}")
-    r.logf = open(out_dir / "log.jsonl", "a") if rank == 0 else None
-    r.lengths = [len(r.encode(tok, e, cfg["cutoff_len"])) for e in train_set] if cfg["group_by_length"] else None
+    r.log(f"training: {len(r.train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({r.world} × {r.accum} × "
+          f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']}")
+    r.logf = open(r.out_dir / "log.jsonl", "a") if r.rank == 0 else None
+    lengths = [len(r.encode(r.tok, e, cfg["cutoff_len"])) for e in r.train_set] if cfg["group_by_length"] else None
+    r.order = BatchOrder(len(r.train_set), cfg["batch_size"], cfg["seed"], lengths)
 
     r.net.train()
-    r.loss_sum, r.t_log, r.it_log, r.tokens, r.flops = torch.zeros((), device=dev), time.time(), r.it, 0, 0.0
+    r.loss_sum, r.t_log, r.it_log = torch.zeros((), device=r.dev), time.time(), r.it
     SIGNALS.armed, SIGNALS.got = True, None
     try:
         while r.it < r.total and not (cfg["stop_iter"] and r.it >= cfg["stop_iter"]):
@@ -331,55 +286,23 @@ def _train(r):
 
 
 def _finish(r):
-    """After the loop: the benchmark on the merged model beside the base model (finished commonsense runs), the
-    final line; -> dict(iter, best_val[, eval])."""
-    cfg, model, clf, rank, world, log, out_dir = r.cfg, r.model, r.clf, r.rank, r.world, r.log, r.out_dir
-    tok, data_dir = r.tok, r.data_dir
-    base = r.base if r.base is not None or clf is not None else cached_base(cfg, data_dir, out_dir)
-    result = dict(iter=r.it, best_val=r.best_val)
-    if r.it == r.total and clf is None and cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
-        log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
-    elif r.it == r.total and clf is None and not eval_set_names(cfg, data_dir) and cfg["data_path"]:
-        log(f"eval: no test sets in {data_dir}: benchmark evaluation skipped")
-    elif r.it == r.total and clf is None:  # finished: the benchmark, on the merged model, beside the base model
-        merge_lora(model)
-        result["eval"] = evaluate(model.eval(), tok, cfg, data_dir, out_dir, rank, world, log, base=base)
-        if rank == 0:
-            write_json(out_dir / "eval.json", dict(protocol=protocol(cfg, data_dir), method=cfg["method"],
-                                                   iters=r.it, base=base, finetuned=result["eval"]))
+    """After the loop: the benchmark of a finished commonsense run, the final line; -> dict(iter, best_val[, eval])."""
+    done, result = r.it == r.total, dict(iter=r.it, best_val=r.best_val)
+    if done and r.clf is None and (acc := evaluate_run(r.model, r.tok, r.cfg, r.data_dir, r.out_dir, r.rank, r.world,
+                                                      r.log, r.base, r.it)) is not None:
+        result["eval"] = acc
     if r.logf:
         r.logf.close()
-    if r.it == r.total and rank == 0:
-        _summary(cfg, out_dir, log)
+    if done and r.rank == 0:
+        _summary(r.cfg, r.out_dir, r.log)
     return result
 
 
-def _eval_base(cfg, model, tok, data_dir, out_dir, rank, world, log):
-    """The base model's accuracy on the same examples, for the final table: with A = 0 the untrained adapter IS
-    the base model. Cached in out_dir/eval_base.json under its protocol; None when off or nothing to evaluate."""
-    if not cfg["eval_base"] or cfg["fsdp"] or not eval_set_names(cfg, data_dir):
-        return None
-    f, key, acc = out_dir / "eval_base.json", protocol(cfg, data_dir), cached_base(cfg, data_dir, out_dir)
-    if acc is not None:
-        log(f"eval base: {f} (cached)")
-        return acc
-    acc = evaluate(model.eval(), tok, cfg, data_dir, None, rank, world, log, what="eval base")
-    model.train()
-    if rank == 0:
-        write_json(f, dict(protocol=key, accuracy=acc))
-    return acc
-
-
 def _summary(cfg, out_dir, log):
-    """The last line: where the results are (files that exist), and how to talk to the adapter."""
-    try:  # the loss curve from log.jsonl; plot.py needs matplotlib (optional)
-        import plot
-        png = plot.loss_png(out_dir)
-    except ImportError:
-        png = None
+    """The last line: where the results are (files that exist, loss.png drawn from log.jsonl), how to sample."""
+    glue, png = cfg["task"] == "glue", plot.loss_png(out_dir)
     if png is None:
         log("loss plot: not written (needs matplotlib: pip install matplotlib)")
-    glue = cfg["task"] == "glue"
     files = [("adapter", out_dir / "adapter_model.safetensors"), ("head", out_dir / "head.safetensors"),
              ("eval", out_dir / (f"eval_{cfg['glue_task']}.json" if glue else "eval.json")), ("loss plot", png)]
     line = ", ".join(f"{k} {p}" for k, p in files if p is not None and Path(p).is_file())
@@ -397,41 +320,18 @@ def _optimizer(cfg, model, clf, total, dev):
     return opt, sched
 
 
-def _resume(r):
-    """Counters, LoRA (+ head), optimizer, schedule and this rank's generators from out_dir/state.pt; the settings
-    in MAY_CHANGE as given now; log.jsonl cut back to the checkpoint's iteration."""
-    st, changed = resume_checkpoint(r.out_dir, r.cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE, r.rank, r.world,
-                                    r.dev)
-    r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
-    r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
-        f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
-
-
 def _forward(r):
     """The training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP."""
-    # dynamic shapes: one graph for every batch length; on CPU (SmolLM2 shapes, lengths 97-181) 13 % faster per
-    # step than padding each batch to a multiple of 64 with static graphs, and one compile instead of up to four
+    # dynamic shapes: one graph for every batch length (on CPU faster than padding to a few static lengths)
     fwd = torch.compile(r.net, dynamic=True) if r.cfg["compile"] else r.net
     if r.ddp and not r.cfg["fsdp"]:
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[r.dev.index] if r.dev.type == "cuda" else None)
     return fwd
 
 
-def _batch_at(r, step):
-    """This rank's examples of optimizer step `step`: a function of (seed, step) alone, so resuming is exact."""
-    ep, k = divmod(step, r.steps_per_epoch)
-    if ep not in r.perms:
-        g = torch.Generator().manual_seed(r.cfg["seed"] + ep)
-        r.perms[ep] = torch.randperm(len(r.train_set), generator=g)
-        if r.lengths is not None:
-            r.perms[ep] = group_by_len(r.perms[ep], r.lengths, r.cfg["batch_size"], g)
-    idx = r.perms[ep][k * r.cfg["batch_size"]:(k + 1) * r.cfg["batch_size"]].tolist()
-    return idx[r.rank * r.per_rank:(r.rank + 1) * r.per_rank]  # this rank's share of the global batch
-
-
 def _step(r):
     """One optimizer step: accum micro-batches forward + backward, clip, RefLoRA, schedule; -> the lr it used."""
-    cfg, dev, idx = r.cfg, r.dev, _batch_at(r, r.it)
+    cfg, dev, idx = r.cfg, r.dev, r.order(r.it)[r.rank * r.per_rank:(r.rank + 1) * r.per_rank]  # this rank's share
     for m in range(r.accum):
         rs = [r.train_set[i] for i in idx[m * r.mb:(m + 1) * r.mb]]
         seqs = [r.encode(r.tok, e, cfg["cutoff_len"]) for e in rs]
@@ -440,7 +340,7 @@ def _step(r):
         # DDP / FSDP reduce gradients on the last micro-step only: RefLoRA then sees the synchronized ones
         if cfg["fsdp"]:
             r.net.set_requires_gradient_sync(m == r.accum - 1)
-        with r.fwd.no_sync() if r.ddp and not cfg["fsdp"] and m < r.accum - 1 else nullcontext(), autocast(dev, cfg):
+        with r.fwd.no_sync() if r.ddp and not cfg["fsdp"] and m < r.accum - 1 else nullcontext(), autocast(r.net):
             if r.clf is None:
                 x, y = lm_batch(seqs, r.tok.pad_id)
                 loss = r.fwd(x.to(dev), targets=y.to(dev))[1]
@@ -509,21 +409,16 @@ def _stop_on_signal(r):
     if got.item():
         if r.last_saved != r.it:
             _stop_if_diverged(r, r.loss_sum)
-            _checkpoint(r, validate=False)
+            _checkpoint(r, validation=False)
         raise Interrupted(int(got.item()), saved=True)
 
 
-def _checkpoint(r, validate=True):
+def _checkpoint(r, validation=True):
     """Validation loss (+ GLUE metrics), then the PEFT adapter (+ head) and state.pt, written by the master."""
     cfg = r.cfg
-    if not validate:  # stopping on a signal: save at once
-        v, metrics = None, {}
-    elif r.clf is None:
-        v, metrics = val_loss(r.model, r.tok, cfg, r.val_set), {}
-    else:
-        # FSDP: every rank runs every batch (a forward is a collective), the master writes
-        v, metrics = evaluate_glue(r.clf, r.tok, cfg, r.val_set, r.out_dir if r.rank == 0 else None,
-                                   *((0, 1) if cfg["fsdp"] else (r.rank, r.world)))
+    # (stopping on a signal: save at once)
+    v, metrics = validate(r.model, r.clf, r.tok, cfg, r.val_set, r.out_dir, r.rank, r.world) if validation \
+        else (None, {})
     if v is not None:
         _stop_if_diverged(r, torch.tensor(v, device=r.dev), "validation loss")
         r.best_val = min(r.best_val, v)
@@ -543,11 +438,9 @@ def _checkpoint(r, validate=True):
 def main(argv=None):
     """The CLI: every error is one line on stderr; exit 2 (bad input), 1 (divergence), 130 / 143 (SIGINT / SIGTERM)."""
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    # Ctrl-C / SIGTERM: finish the step, save, exit 130 / 143 (handlers can only be set from the main thread)
-    main_thread = threading.current_thread() is threading.main_thread()
-    handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
     try:
-        train(cfg)
+        with signal_handlers():  # Ctrl-C / SIGTERM in the loop: finish the step, save, exit 130 / 143
+            train(cfg)
     except TrainingDiverged as e:
         print(f"train.py: {e}", file=sys.stderr)
         sys.exit(1)
@@ -562,8 +455,6 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(128 + signum)
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -2,17 +2,12 @@
 every part gives numbers and no error; no CUDA means one line and exit 0; the out-of-memory fallback of the
 batch search; the verdicts beside the targets."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+import bench
 
-torch.set_num_threads(1)
 
 DRY_RUN = ["--suite", "--device=cpu", "--model=tiny", "--batch_size=2", "--seq_len=32", "--iters=1", "--warmup=1",
            "--new_tokens=2", "--compile=False"]

@@ -5,19 +5,14 @@ a bounded number of recompilations over batches of varying length, and bf16 trac
 Compilation is slow on a small CPU: one compiled model is shared by the tests of a module fixture, shapes are tiny."""
 import json
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train as T  # noqa: E402
-from model import ModelArgs, Transformer, add_lora, lora_state_dict  # noqa: E402
-from reflora import RefLoRA  # noqa: E402
+import train as T
+from model import Classifier, ModelArgs, Transformer, add_lora, cls_loss, lora_state_dict
+from reflora import RefLoRA
 
-torch.set_num_threads(1)
 TOL = dict(rtol=1e-4, atol=1e-5)  # compiled vs eager, float32: inductor reorders and fuses, nothing more
 
 
@@ -40,7 +35,7 @@ def lm():
 
 @pytest.fixture(scope="module")
 def clf():
-    c = T.Classifier(_tiny(1), 3)
+    c = Classifier(_tiny(1), 3)
     return c, torch.compile(c)
 
 
@@ -98,7 +93,7 @@ def test_compiled_classifier_step_matches_eager(clf):
     mask = torch.ones_like(x, dtype=torch.bool)
     mask[0, :5] = mask[1, :2] = False  # left padding
     labels = torch.tensor([0, 2, 1])
-    loss = lambda f: T.cls_loss(f(x, mask), labels)  # noqa: E731
+    loss = lambda f: cls_loss(f(x, mask), labels)  # noqa: E731
     _close(_step(model, compiled, "reflora", loss), _step(model, model, "reflora", loss))
 
 

@@ -13,22 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import checkpoint as C  # noqa: E402
-import train as T  # noqa: E402
-from test_train import write_commonsense  # noqa: E402
+import runstate as C
+import train as T
+import weights as W
+from helpers import ROOT, flags, write_commonsense
+from model import add_lora, lora_state_dict
 
-torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def argv(out, data, **kw):
-    base = dict(init_from="tiny", data_dir=data, out_dir=out, lora_r=4, lora_alpha=8, batch_size=8,
-                micro_batch_size=4, max_iters=2, cutoff_len=128, warmup_steps=1, reflora_warmup=1, log_interval=1,
-                eval_interval=1, eval_limit=1, eval_batch_size=1, max_new_tokens=2, val_set_size=4, lr=1e-2)
-    return [f"--{k}={v}" for k, v in {**base, **kw}.items()]
+    return flags(**{**dict(data_dir=data, out_dir=out, max_iters=2, cutoff_len=128, eval_interval=1, eval_limit=1,
+                           eval_batch_size=1, max_new_tokens=2, val_set_size=4), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +54,9 @@ def consistent(out):
     assert not (out / ".tmp").exists() and not (out / ".new").exists()
     assert C.verify_checkpoint(out) is not None
     st = C.read_state(out / "state.pt")
-    model = T.load_model("tiny")
-    T.load_adapter(model, out)
-    for k, v in T.lora_state_dict(model).items():
+    model = W.load_model("tiny")
+    W.load_adapter(model, out)
+    for k, v in lora_state_dict(model).items():
         assert torch.equal(v, st["lora"][k]), k
     return st
 
@@ -68,8 +64,8 @@ def consistent(out):
 def test_save_killed_at_every_step_once_and_twice(run, tmp_path, monkeypatch):
     root, data = run
     good = C.read_state(root / "good" / "state.pt")
-    model = T.load_model("tiny")
-    T.add_lora(model, 4, 8, 0.0, T.DEFAULTS["lora_targets"])
+    model = W.load_model("tiny")
+    add_lora(model, 4, 8, 0.0, T.DEFAULTS["lora_targets"])
     calls, crash_at = [], [None]
 
     def hook(name, fn, write=False):  # the call numbered crash_at dies (a write leaves a half-written file)
@@ -83,7 +79,8 @@ def test_save_killed_at_every_step_once_and_twice(run, tmp_path, monkeypatch):
         return f
 
     monkeypatch.setattr(C, "save_adapter", hook("save_adapter", C.save_adapter))
-    monkeypatch.setattr(C, "save_file", hook("save_file", C.save_file, write=True))
+    monkeypatch.setattr(C, "save_file", hook("save_file", C.save_file, write=True))  # the head
+    monkeypatch.setattr(W, "save_file", hook("save_file", W.save_file, write=True))  # the adapter
     monkeypatch.setattr(torch, "save", hook("torch.save", torch.save, write=True))
     monkeypatch.setattr(C, "_fsync", hook("fsync", C._fsync))
     monkeypatch.setattr(os, "rename", hook("rename", os.rename))
@@ -134,7 +131,6 @@ def _crashing_run(out, data, crash, *extra):
     """train.py in a fresh process whose `crash` = "<function>:<n>" call does os._exit(9) (half-writing a file)."""
     code = f"""
 import os, sys, torch
-sys.path.insert(0, {str(ROOT)!r})
 import train
 name, n = {crash!r}.split(":")
 real, count = {{"torch.save": torch.save, "replace": os.replace}}[name], [0]

@@ -9,19 +9,17 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-GLUE, CS = SHARED / "data" / "glue", SHARED / "data" / "commonsense"
-sys.path.insert(0, str(ROOT))  # `data` is a namespace package at the repo root
+from data.commonsense import prepare as cs
+from data.glue import prepare as glue
+from data.glue.prepare import TASKS, glue_metrics, read_glue
+from helpers import ROOT
 
-from data.commonsense import prepare as cs  # noqa: E402
-from data.glue.prepare import TASKS, glue_metrics, read_glue  # noqa: E402
-from data.glue import prepare as glue  # noqa: E402
+SHARED = ROOT.parent / "shared"
+GLUE, CS = SHARED / "data" / "glue", SHARED / "data" / "commonsense"
 
 need_glue = pytest.mark.skipif(not (GLUE / "CoLA" / "train.tsv").is_file(), reason="no ../shared GLUE data")
 need_cs = pytest.mark.skipif(not (CS / "dataset" / "boolq" / "test.json").is_file(), reason="no ../shared data")

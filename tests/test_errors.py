@@ -6,38 +6,31 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import train as T  # noqa: E402
-from test_train import write_commonsense, write_glue  # noqa: E402
+import train as T
+from helpers import TINY, argv, write_commonsense, write_glue
 
-torch.set_num_threads(1)
 
 # -----------------------------------------------------------------------------
 # fixtures: one finished tiny commonsense run and one finished GLUE (rte) run, built once
 
 
-def flags(**kw):
-    return [f"--{k}={v}" for k, v in kw.items()]
+flags = argv  # the table spells out every flag of its two runs
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     data, glue = write_commonsense(root / "data", n_train=24, n_test=2), write_glue(root / "glue", "rte", 16, 4)
-    lm = dict(init_from="tiny", data_dir=data, lora_r=4, lora_alpha=8, batch_size=8, micro_batch_size=4,
-              max_iters=2, cutoff_len=128, warmup_steps=1, reflora_warmup=1, log_interval=1, eval_interval=0,
-              eval_limit=1, eval_batch_size=2, max_new_tokens=2, val_set_size=4)
-    cls = dict(task="glue", glue_task="rte", init_from="tiny", data_dir=glue, batch_size=8, micro_batch_size=8,
-               max_iters=1, cutoff_len=64, warmup_steps=0, eval_limit=4, eval_batch_size=4)
+    lm = dict(TINY, data_dir=data, max_iters=2, cutoff_len=128, eval_limit=1, eval_batch_size=2, max_new_tokens=2,
+              val_set_size=4)
+    cls = dict(task="glue", glue_task="rte", init_from="tiny", dtype="float32", data_dir=glue, batch_size=8,
+               micro_batch_size=8, max_iters=1, cutoff_len=64, warmup_steps=0, eval_limit=4, eval_batch_size=4)
     T.main(flags(**lm, out_dir=root / "lm"))
     T.main(flags(**cls, out_dir=root / "cls"))
     return dict(root=root, lm=lm, cls=cls, data=data, glue=glue)

@@ -5,16 +5,14 @@ import json
 import subprocess
 import sys
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import converge  # noqa: E402
-import plot  # noqa: E402
+import converge
+import plot
+from helpers import ROOT
 
 N = 40  # steps of the synthetic runs
 

@@ -2,29 +2,19 @@
 instruction data (good and broken files), the base model beside the finetuned one in the final table, the
 evaluation's progress lines, and the final line naming files that exist."""
 import json
-import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train as T  # noqa: E402
+import evaluate as E
+import helpers
+import train as T
+from helpers import records
+from tokenizer import load_tokenizer
+from weights import load_model
 
-torch.set_num_threads(1)
-
-
-def records(n, seed=0):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        ans = ("true", "false")[(a + b) % 2]
-        out.append(dict(instruction=f"{a}+{b} even?", input="", output=ans, answer=ans))
-    return out
 
 
 def write_data_dir(root, n_test=5):
@@ -38,10 +28,8 @@ def write_data_dir(root, n_test=5):
 
 
 def flags(tmp_path, **kw):
-    base = dict(init_from="tiny", out_dir=tmp_path / "out", lora_r=4, lora_alpha=8, batch_size=4, micro_batch_size=4,
-                max_iters=2, cutoff_len=64, warmup_steps=1, reflora_warmup=1, log_interval=1, eval_interval=0,
-                eval_limit=5, eval_batch_size=2, max_new_tokens=4, num_beams=1, val_set_size=4, lr=1e-2)
-    return [f"--{k}={v}" for k, v in {**base, **kw}.items()]
+    return helpers.flags(**{**dict(out_dir=tmp_path / "out", batch_size=4, max_iters=2, cutoff_len=64, eval_limit=5,
+                                   eval_batch_size=2, max_new_tokens=4, val_set_size=4), **kw})
 
 
 # -----------------------------------------------------------------------------
@@ -100,13 +88,13 @@ def test_base_beside_finetuned_progress_and_final_line(tmp_path, capsys, monkeyp
     data = write_data_dir(tmp_path / "data")
     train_file = tmp_path / "train.json"
     train_file.write_text(json.dumps(records(16, seed=1)))
-    x, seen, real = torch.randint(0, 256, (2, 16)), {}, T.evaluate
+    x, seen, real = torch.randint(0, 256, (2, 16)), {}, E.evaluate
 
     def spy(model, *a, what="eval", **kw):  # the model the base row is measured on, as logits on x
         seen[what] = model(x)[0].detach()
         return real(model, *a, what=what, **kw)
 
-    monkeypatch.setattr(T, "evaluate", spy)
+    monkeypatch.setattr(E, "evaluate", spy)
     T.main(flags(tmp_path, data_path=train_file, data_dir=data))
     out = capsys.readouterr().out
     lines, o = out.splitlines(), tmp_path / "out"
@@ -119,9 +107,9 @@ def test_base_beside_finetuned_progress_and_final_line(tmp_path, capsys, monkeyp
     # the base column is the base model's own accuracy (no LoRA at all), the finetuned one the saved eval files
     cfg = T.parse_config(flags(tmp_path, data_dir=data))
     torch.manual_seed(cfg["seed"])  # train.py seeds before building the model
-    plain = T.load_model("tiny")
+    plain = load_model("tiny")
     assert torch.equal(seen["eval base"], plain(x)[0]) and not torch.equal(seen["eval"], plain(x)[0])
-    base = T.evaluate(plain.eval(), T.load_tokenizer("bytes"), cfg, data, None, log=lambda *a: None)
+    base = E.evaluate(plain.eval(), load_tokenizer("bytes"), cfg, data, None, log=lambda *a: None)
     saved = json.loads((o / "eval.json").read_text())
     assert saved["base"] == json.loads((o / "eval_base.json").read_text())["accuracy"] == pytest.approx(base)
     fine = {n: json.loads((o / f"eval_{n}.json").read_text())["accuracy"] for n in ("boolq", "ARC-Easy")}

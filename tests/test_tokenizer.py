@@ -8,15 +8,14 @@ import glob
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenizer import SMOL_PAT, load_tokenizer, tokenizer_json_from_gguf  # noqa: E402
+from helpers import ROOT
+from tokenizer import SMOL_PAT, load_tokenizer, tokenizer_json_from_gguf
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = ROOT.parent / "shared"
 LLAMA3 = SHARED / "tokenizers" / "llama3" / "tokenizer.model"
 MISTRAL = SHARED / "tokenizers" / "mistral-v1" / "tokenizer.model"
 # HF ByteLevel's regex (tokenizers/src/pre_tokenizers/byte_level.rs), written out again here on purpose

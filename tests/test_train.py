@@ -3,7 +3,6 @@
 the eval files, the GLUE head, a non-finite loss, and DDP (gloo, 2 processes) == 1 process."""
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,58 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import train as T  # noqa: E402
-from data.glue.prepare import glue_metrics  # noqa: E402
-from model import PRESETS  # noqa: E402
+import train as T
+from data.glue.prepare import glue_metrics
+from dataset import GLUE_SEP, encode_cls, group_by_len
+from evaluate import evaluate
+from helpers import ROOT, state, tiny_args, write_glue
+from model import PRESETS, lora_state_dict, merge_lora
+from tokenizer import load_tokenizer
+from weights import load_adapter, load_model
 
-torch.set_num_threads(1)
-
-# -----------------------------------------------------------------------------
-# synthetic data in the real layouts (short texts: tiny's max_seq_len is 256 and a byte is a token)
-
-
-def write_commonsense(root, n_train=48, n_test=5, seed=0):
-    rng = random.Random(seed)
-    for name, answers in (("boolq", ("true", "false")), ("piqa", ("solution1", "solution2"))):
-        for split, n in (("train", n_train), ("test", n_test)):
-            recs = []
-            for _ in range(n):
-                a, b = rng.randint(0, 9), rng.randint(0, 9)
-                ans = answers[(a + b) % 2]
-                recs.append(dict(instruction=f"{a}+{b} even?", input="", output=ans, answer=ans))
-            (root / "dataset" / name).mkdir(parents=True, exist_ok=True)
-            (root / "dataset" / name / f"{split}.json").write_text(json.dumps(recs))
-    return root
-
-
-def write_glue(root, task, n_train=40, n_dev=12, seed=0):
-    rng = random.Random(seed)
-    folder, header = {"rte": ("RTE", "index\tsentence1\tsentence2\tlabel"),
-                      "stsb": ("STS-B", "index\tsentence1\tsentence2\tscore")}[task]
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = [header]
-        for i in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            label = ("entailment", "not_entailment")[(a + b) % 2] if task == "rte" else f"{(a + b) / 3.6:.2f}"
-            rows.append(f"{i}\tthe number {a}\tplus {b}\t{label}")
-        (root / folder / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    return root
-
-
-def tiny_args(tmp_path, **kw):
-    """Flags of a small, fast commonsense run on synthetic data."""
-    base = dict(init_from="tiny", data_dir=write_commonsense(tmp_path / "data"), out_dir=tmp_path / "out",
-                lora_r=4, lora_alpha=8, batch_size=8, micro_batch_size=4, max_iters=4, cutoff_len=200,
-                warmup_steps=1, reflora_warmup=1, log_interval=1, eval_interval=0, eval_limit=3, eval_batch_size=3,
-                max_new_tokens=6, val_set_size=8, lr=1e-2)
-    return [f"--{k}={v}" for k, v in {**base, **kw}.items()]
-
-
-def state(out_dir):
-    return torch.load(Path(out_dir) / "state.pt", map_location="cpu", weights_only=True)
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -98,16 +54,16 @@ def test_config_types_files_and_errors(tmp_path, capsys):
 
 
 def test_encode_cls_truncates_longest_first():
-    tok = T.load_tokenizer("bytes")
+    tok = load_tokenizer("bytes")
     short = dict(text_a="a premise", text_b="its hypothesis")
-    assert T.encode_cls(tok, short, 64) == tok.encode("a premise" + T.GLUE_SEP + "its hypothesis", bos=True)
-    assert T.encode_cls(tok, dict(text_a="one sentence " * 9, text_b=None), 20) == tok.encode("one sentence " * 9,
+    assert encode_cls(tok, short, 64) == tok.encode("a premise" + GLUE_SEP + "its hypothesis", bos=True)
+    assert encode_cls(tok, dict(text_a="one sentence " * 9, text_b=None), 20) == tok.encode("one sentence " * 9,
                                                                                              bos=True)[:20]
     # a long premise is cut, the hypothesis kept whole (a plain [:cutoff] would drop it)
-    ids = T.encode_cls(tok, dict(text_a="p" * 300, text_b="the hypothesis"), 64)
+    ids = encode_cls(tok, dict(text_a="p" * 300, text_b="the hypothesis"), 64)
     assert len(ids) == 64 and ids[-14:] == tok.encode("the hypothesis") and ids[0] == tok.bos_id
     # both long: both cut, to equal lengths (BOS counted with the first)
-    ids = T.encode_cls(tok, dict(text_a="p" * 300, text_b="q" * 300), 65)
+    ids = encode_cls(tok, dict(text_a="p" * 300, text_b="q" * 300), 65)
     assert len(ids) == 65 and ids.count(tok.encode("p")[0]) == 31 and ids[-32:] == tok.encode("q" * 32)
 
 
@@ -115,9 +71,9 @@ def test_group_by_length_batches():
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 500, (1000,), generator=g).tolist()
     perm = torch.randperm(1000, generator=g)
-    out = T.group_by_len(perm, lengths, 8, torch.Generator().manual_seed(1), mega=10)
+    out = group_by_len(perm, lengths, 8, torch.Generator().manual_seed(1), mega=10)
     assert sorted(out.tolist()) == list(range(1000))  # a permutation
-    assert torch.equal(out, T.group_by_len(perm, lengths, 8, torch.Generator().manual_seed(1), mega=10))
+    assert torch.equal(out, group_by_len(perm, lengths, 8, torch.Generator().manual_seed(1), mega=10))
     chunk = {i: c for c, block in enumerate(perm.split(80)) for i in block.tolist()}
     spread = lambda p: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in p.view(-1, 8).tolist())
     for b in out.view(-1, 8).tolist():
@@ -149,9 +105,9 @@ def test_resume_is_bitwise(tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # the training moved the adapter, and the PEFT export holds the same tensors as state.pt
     assert any(v.abs().max() > 0 for k, v in a["lora"].items() if k.endswith(".A"))
-    model = T.load_model("tiny")
-    T.load_adapter(model, tmp_path / "a/out")
-    for k, v in T.lora_state_dict(model).items():
+    model = load_model("tiny")
+    load_adapter(model, tmp_path / "a/out")
+    for k, v in lora_state_dict(model).items():
         assert torch.equal(v, a["lora"][k]), k
     # --eval_only on that out_dir reproduces the end-of-training evaluation
     before = (tmp_path / "a/out/eval_boolq.json").read_text()
@@ -170,7 +126,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(T.torch, "save", crashing_save)
+    monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
         T.train(cfg)
     st = state(cfg["out_dir"])
@@ -188,12 +144,12 @@ def test_eval_batched_equals_one_by_one_and_writes_json(tmp_path):
     with torch.no_grad():  # a non-trivial adapter, merged as the protocol says
         for A, B in model.lora_pairs():
             A.normal_(0, 0.5)
-    T.merge_lora(model)
+    merge_lora(model)
     outs = {}
     for bs in (1, 4):
         out = tmp_path / f"eval{bs}"
         out.mkdir()
-        acc = T.evaluate(model, tok, {**cfg, "eval_batch_size": bs}, cfg["data_dir"], out)
+        acc = evaluate(model, tok, {**cfg, "eval_batch_size": bs}, cfg["data_dir"], out)
         outs[bs] = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in ("boolq", "piqa")}
         for n, d in outs[bs].items():
             assert len(d["predictions"]) == len(d["labels"]) == len(d["outputs"]) == 5
@@ -313,9 +269,9 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
             assert sb[k].shape == sa[k].shape and (sb[k] - sa[k]).norm() <= 1e-4 * sa[k].norm(), k
     assert any(v.abs().max() > 0 for k, v in one["lora"].items() if k.endswith(".A"))
     # the PEFT export of the sharded run holds the full tensors
-    model = T.load_model("tiny")
-    T.load_adapter(model, tmp_path / "two/out")
-    for k, v in T.lora_state_dict(model).items():
+    model = load_model("tiny")
+    load_adapter(model, tmp_path / "two/out")
+    for k, v in lora_state_dict(model).items():
         assert torch.equal(v, two["lora"][k]), k
 
 

