@@ -409,9 +409,10 @@ def sweep_markdown(res, n_steps):
     e = lambda ms: "-" if not ms else f"{ms[0]:.2e} ± {ms[1]:.1e}"  # noqa: E731
     ms = lambda xs: mean_std(xs) if xs else None  # noqa: E731
     cfg = res["setting"]
-    lines = [f"{cfg.get('task', '?')}{'/' + cfg['glue_task'] if 'glue_task' in cfg else ''}, base {cfg.get('base', '?')}"
-             f", {n_steps} steps of batch {cfg.get('batch_size', '?')}, lr grid {', '.join(f'{x:g}' for x in res['grid'])}"
-             f" (grids tried: {len(res['grids'])}), seeds {', '.join(map(str, cfg['seeds']))}; final loss = "
+    task, grid = cfg.get("task", "?") + ("/" + cfg["glue_task"] if "glue_task" in cfg else ""), res["grid"]
+    lines = [f"{task}, base {cfg.get('base', '?')}, {n_steps} steps of batch {cfg.get('batch_size', '?')}, lr grid "
+             f"{', '.join(f'{x:g}' for x in grid)} (grids tried: {len(res['grids'])}), seeds "
+             f"{', '.join(map(str, cfg['seeds']))}; final loss = "
              f"{res['final_loss']}; ‖ΔW‖ = Σ over pairs of the step's ‖(α/r)ΔW‖_F, mean over the second half of the "
              "steps (then mean ± std over seeds).", "",
              "| method | best lr | " + " | ".join(f"loss @{s}" for s in at) + " | final loss | " +

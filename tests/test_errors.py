@@ -271,9 +271,9 @@ case("manifest-lists-missing", lm(resume=True, max_iters=3),
 case("adapter-resized-vs-manifest", lm(eval_only=True), copy(then=truncate("adapter_model.safetensors", 0.9)),
      words="adapter_model.safetensors")
 for k, v in [("lora_r", 8), ("lora_alpha", 16), ("method", "lora"), ("base", "sgd"), ("seed", 1),
-             ("batch_size", 4), ("micro_batch_size", 2), ("lora_dropout", 0.1), ("lora_targets", "wq,wv"), ("cutoff_len", 100),
-             ("val_set_size", 6), ("reflora_warmup", 3), ("group_by_length", False), ("reflora_interval", 2),
-             ("tokenizer", "bytes")]:
+             ("batch_size", 4), ("micro_batch_size", 2), ("lora_dropout", 0.1), ("lora_targets", "wq,wv"),
+             ("cutoff_len", 100), ("val_set_size", 6), ("reflora_warmup", 3), ("group_by_length", False),
+             ("reflora_interval", 2), ("tokenizer", "bytes")]:
     case(f"resume-changes-{k}", lm(resume=True, max_iters=3, **{k: v}), copy(),
          words=(f"--{k}=", "cannot change on resume"))
 case("resume-changes-data-dir", lambda R, d: flags(**{**R["lm"], "out_dir": d / "out", "resume": True,

@@ -228,7 +228,7 @@ def fake_train(calls, n):
             (d / "config.json").write_text(json.dumps(dict(method=m, seed=seed, lr=lr, base="adamw", task="glue",
                                                            batch_size=32)))
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-        stdout.write("" if last == n else f"train.py: non-finite loss at or before iter 3: stopping\n")
+        stdout.write("" if last == n else "train.py: non-finite loss at or before iter 3: stopping\n")
         return subprocess.CompletedProcess(cmd, 0 if last == n else 1)
     return run
 
@@ -270,7 +270,8 @@ def test_sweep_extends_the_grid_and_picks_each_best_lr(tmp_path, monkeypatch, ca
     lora = dict(zip(head, rows["lora"]))
     final = [(fake_loss("lora", 1e-3, s, 19) + fake_loss("lora", 1e-3, s, 20)) / 2 for s in (0, 1, 2)]
     assert lora["best lr"] == "0.001 (3 seeds)" and lora["final loss"] == f"{np.mean(final):.3f} ± 0.010"
-    assert lora["dev mcc ×100"] == "29.0 ± 1.0" and dict(zip(head, rows["reflora-s"]))["best lr"].startswith("10 (grid edge)")
+    assert lora["dev mcc ×100"] == "29.0 ± 1.0"
+    assert dict(zip(head, rows["reflora-s"]))["best lr"].startswith("10 (grid edge)")
     # dw over the second half (steps 11-20): lr · 15.5
     assert lora["‖ΔW‖"] == f"{1e-3 * 15.5:.2e} ± 0.0e+00"
     if importlib.util.find_spec("matplotlib"):
