@@ -8,9 +8,9 @@ commonsense language-modeling loss), the comparison of the paper's training-loss
     python converge.py --lrs=5e-4,1e-3,2e-3,4e-3,8e-3 [--base=adamw|sgd] ...               # a learning-rate sweep
     python converge.py --task=commonsense --base=sgd --grad_clip=0 --lrs=... ...  # LM loss, plain gradient descent
 
-Every run is one `python train.py` subprocess, all with the same recipe (RECIPE for glue, COMMONSENSE_RECIPE for
-commonsense: the lr included, --benchmark=False, the loss logged every step); `--jobs` run at a time, each with
-cores/jobs threads. A run whose log already reaches max_iters with its dev evaluation (validation loss for
+Every run is one `python train.py` subprocess, all with the same recipe (RECIPE for glue, COMMONSENSE_RECIPE with
+--benchmark=False for commonsense; the loss logged every step), the lr included but in a sweep; `--jobs` run at a
+time, each with cores/jobs threads. A run whose log already reaches max_iters with its dev evaluation (validation loss for
 commonsense) is skipped, so the command can be re-run after an interruption.
 
 One learning rate (no --lrs): OUT/<method>-s<seed> per run, then OUT/curves.json, OUT/loss.png (plot.py's overlay)
