@@ -266,7 +266,8 @@ def toy_sweep_markdown(res):
 
 def toy_sweep_png(res, path):
     """Left: iterations to the tolerance against η (mean, min-max bars; × at the top: unstable for a seed);
-    right: final loss against η (each seed). -> path, or None without matplotlib."""
+    right: final loss against η (each seed; a run stops six decades below the tolerance, or after the budget).
+    -> path, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -290,7 +291,7 @@ def toy_sweep_png(res, path):
         ax2.loglog([r["eta"] for r in rs], [max(f, 1e-30) for f in fin], "o", color=c, ms=3, alpha=0.6, label=label)
     ax1.set(xscale="log", yscale="log", xlabel="step size η", ylabel=f"iterations to loss {res['tol']:g}",
             title=f"× at {res['iters']}: unstable (a seed diverged)")
-    ax2.set(xlabel="step size η", ylabel=f"loss after {res['iters']} iterations (1e30: diverged)",
+    ax2.set(xlabel="step size η", ylabel=f"final loss (stops at {res['tol'] * 1e-6:g}; 1e30: diverged)",
             title=f"toy {res['setting']['name']!r}, {len(res['seeds'])} seeds")
     for ax in (ax1, ax2):
         ax.grid(True, which="major", alpha=0.4)
