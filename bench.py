@@ -10,10 +10,11 @@ reported apart, device and versions printed).
     python bench.py --compare_dtypes ...                    # the same, float32 eager vs bfloat16, and the speed-up
     python bench.py --generate --model=tiny                 # batched beam search vs one example at a time
     python bench.py --refactor [--pairs=160] [--rank=32]   # one refactor step, LLaMA-7B shapes
-    python bench.py --toy [--toy_setting=paper|normalized] [--png=toy.png] [--json=toy.json]   # the toy
 
-References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Sec. 5 toy problem and the overhead chart of the
-authors' repository; gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
+The paper's toy problem and the AdamW step probe are experiments, not speed: experiments.py.
+
+References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), the overhead chart of the authors' repository;
+gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
 """
 import argparse
 import gc
@@ -312,169 +313,6 @@ def bench_generate(args):
 
 
 # -----------------------------------------------------------------------------
-# the paper's toy: min_{A,B} ½‖Y - ABᵀ‖²_F, gradient descent, LoRA vs ScaledGD vs RefLoRA(-S)
-
-TOY_METHODS = ("lora", "scaledgd", "reflora", "reflora-s")
-TOY_SETTINGS = {
-    # the paper's figure (authors' MF-loss.png); its exact setting is not published, these are our assumptions:
-    # Y = σ X₁X₂ᵀ/√(mn), X entries N(0, 1), so σ_i(Y) ≈ σ = 25 (22.9-28.3 for seed 0) and ½‖Y‖² ≈ rσ²/2;
-    # an unbalanced LoRA-like init, A₀ ~ N(0, 0.05²) small, B₀ ~ N(0, 0.5²) with σ_max(B₀)² ≈ 150, between
-    # 2/0.03 and 2/0.01 (GD on A is stable at η = 0.01 and not at 0.03); initial loss 2.1e3; raw loss
-    "paper": dict(m=500, n=500, r=5, sigma=25.0, cond=1.0, a0=0.05, b0=0.5, etas=(0.01, 0.03), iters=100,
-                  relative=False),
-    # the earlier setting: σ_max(Y) = 1, σ_min = 1/20 (log-spaced), A₀, B₀ ~ N(0, 0.1²); loss / ½‖Y‖²
-    "normalized": dict(m=60, n=40, r=4, sigma=1.0, cond=20.0, a0=0.1, b0=0.1, etas=(0.25,), iters=2000,
-                       relative=True),
-}
-
-
-def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dtype=torch.float64):
-    """Loss curves {"<method>@<eta>": [loss at iteration 0, 1, ..., iters]} of gradient descent on ½‖Y - ABᵀ‖²_F.
-
-    lora: plain GD. scaledgd (Tong, Ma, Chi 2021): A ← A - η ∇A (BᵀB)⁻¹, B ← B - η ∇B (AᵀA)⁻¹. reflora,
-    reflora-s: reflora.RefLoRA with base="sgd" (Thm 3 preconditioning; Thm 4 rescaling, balanced before step 0).
-    All start from the same (A₀, B₀). A curve stops early once its loss is non-finite, above 1e30, or, in the
-    normalized setting, below 1e-12. Settings (TOY_SETTINGS): "paper" mimics the authors' figure (assumed
-    setting, see there); "normalized" (σ_max(Y) = 1, relative loss) is the regime where ScaledGD beats RefLoRA.
-    """
-    cfg = TOY_SETTINGS[setting]
-    m, n, r = cfg["m"], cfg["n"], cfg["r"]
-    etas, iters = etas or cfg["etas"], iters or cfg["iters"]
-    g = torch.Generator().manual_seed(seed)
-    if cfg["cond"] == 1.0:  # Gaussian low rank: Y = σ X₁X₂ᵀ / √(mn)
-        Y = cfg["sigma"] * torch.randn(m, r, generator=g, dtype=dtype) @ torch.randn(n, r, generator=g, dtype=dtype).mT
-        Y = Y / (m * n) ** 0.5
-    else:  # Y = U diag(σ) Vᵀ, σ log-spaced from sigma down to sigma/cond
-        U, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=dtype))
-        V, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=dtype))
-        Y = (U * torch.logspace(0, -torch.log10(torch.tensor(cfg["cond"])).item(), r, dtype=dtype)) @ V.mT
-        Y = cfg["sigma"] * Y
-    A0 = cfg["a0"] * torch.randn(m, r, generator=g, dtype=dtype)
-    B0 = cfg["b0"] * torch.randn(n, r, generator=g, dtype=dtype)
-    norm = 0.5 * Y.square().sum() if cfg["relative"] else 1.0
-
-    def run(method, eta):
-        A, B = torch.nn.Parameter(A0.clone()), torch.nn.Parameter(B0.clone())
-        opt = reflora.RefLoRA([(A, B)], method=method, base="sgd", lr=eta) if method.startswith("reflora") else None
-        losses = []
-        for t in range(iters + 1):
-            with torch.no_grad():
-                R = A @ B.mT - Y  # G = ∂L/∂W
-                losses.append((0.5 * R.square().sum() / norm).item())
-                if t == iters or not losses[-1] < 1e30 or (cfg["relative"] and losses[-1] < 1e-12):
-                    break
-                gA, gB = R @ B, R.mT @ A  # ∇A = G B, ∇B = Gᵀ A
-                if opt is not None:  # RefLoRA(-S) under gradient descent: the optimizer itself
-                    A.grad, B.grad = gA, gB
-                    opt.step()
-                elif method == "scaledgd":  # Tong, Ma, Chi 2021: both from the old (A, B)
-                    dA, dB = gA @ torch.linalg.inv(B.mT @ B), gB @ torch.linalg.inv(A.mT @ A)
-                    A -= eta * dA
-                    B -= eta * dB
-                else:
-                    A -= eta * gA
-                    B -= eta * gB
-        return losses
-
-    curves = {f"{m_}@{eta:g}": run(m_, eta) for m_ in methods for eta in etas}
-    setting_out = dict(cfg, name=setting, seed=seed, etas=list(etas), iters=iters, dtype=str(dtype),
-                       initial_loss=curves[next(iter(curves))][0])
-    return setting_out, curves
-
-
-def iters_to(losses, tol):
-    """First iteration whose loss is below tol, or None."""
-    return next((i for i, l in enumerate(losses) if l < tol), None)
-
-
-# the paper figure's curves, read off MF-loss.png (../shared/paper/README.md): iterations to 1e-3, final loss
-PAPER_TOY = {"lora@0.01": (None, "~3e2"), "lora@0.03": (None, "diverges"), "scaledgd@0.01": (None, "~1e2"),
-             "scaledgd@0.03": (None, "~2"), "reflora@0.01": (38, "<1e-3"), "reflora@0.03": (11, "<1e-3")}
-# paper layout: one colour per curve as in MF-loss.png (MATLAB's), solid for the smaller η, dash-dot for the larger
-TOY_STYLE = {"lora": ("black", "tab:blue"), "scaledgd": ("tab:purple", "tab:green"),
-             "reflora": ("tab:orange", "tab:red"), "reflora-s": ("tab:cyan", "tab:brown")}
-
-
-def toy_json(setting, curves):
-    """JSON-safe: non-finite losses as null."""
-    fin = lambda x: x if x == x and abs(x) != float("inf") else None  # noqa: E731
-    return {"setting": setting, "curves": {k: [fin(x) for x in c] for k, c in curves.items()}}
-
-
-def toy_png(setting, curves, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no PNG written")
-        return False
-    etas = setting["etas"]
-    plt.figure(figsize=(6.4, 4.8))
-    for k, c in curves.items():
-        method, eta = k.split("@")
-        i = etas.index(float(eta)) if float(eta) in etas else 0
-        cs = [x if x == x and abs(x) != float("inf") else float("nan") for x in c]
-        label = {"lora": "LoRA", "scaledgd": "ScaledGD", "reflora": "RefLoRA", "reflora-s": "RefLoRA-S"}[method]
-        plt.semilogy(cs, color=TOY_STYLE[method][min(i, 1)], ls="-" if i == 0 else "-.",
-                     lw=1.2 if method == "reflora-s" else 2.5,  # thin: it lies on RefLoRA's curve
-                     label=f"{label} (η={eta})")
-    plt.xlim(0, setting["iters"])
-    plt.ylim(1e-3 if not setting["relative"] else 1e-12, 1e6 if not setting["relative"] else 10)
-    plt.xlabel("iteration t")
-    plt.ylabel("relative loss" if setting["relative"] else "loss ℓ")
-    plt.title(f"½‖Y − ABᵀ‖², setting {setting['name']!r} (reflora bench.py --toy)", fontsize=9)
-    plt.legend(loc="lower left" if setting["relative"] else "lower right", fontsize=8)
-    plt.tight_layout()
-    tmp = path + ".tmp.png"
-    plt.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    print(f"wrote {path}")
-    return True
-
-
-def bench_toy(args):
-    setting, curves = toy(args.toy_setting)
-    print(f"setting {args.toy_setting}: " + ", ".join(f"{k}={v}" for k, v in setting.items() if k != "name"))
-    tol = 1e-3
-    print(f"{'curve':16s} {'loss@0':>9s} {'loss@10':>9s} {'final':>9s} {'iters to 1e-3':>14s} {'tail rate':>10s}"
-          + ("   paper: iters to 1e-3, final" if args.toy_setting == "paper" else ""))
-    for k, c in curves.items():
-        at = lambda i: f"{c[min(i, len(c) - 1)]:9.2e}"  # noqa: E731
-        # per-iteration loss ratio over the last 10 iterations above 1e-9 (the asymptotic rate), if finite
-        tail = [x for x in c if 1e-9 < x < 1e30][-11:]
-        rate = f"{(tail[-1] / tail[0]) ** (1 / 10):10.3f}" if len(tail) == 11 else f"{'-':>10s}"
-        paper = PAPER_TOY.get(k, ("", "(not in the figure)")) if args.toy_setting == "paper" else None
-        print(f"{k:16s} {at(0)} {at(10)} {at(len(c) - 1)} {str(iters_to(c, tol)):>14s} {rate}"
-              + (f"   {str(paper[0]):>5s}, {paper[1]}" if paper else ""))
-    if args.png:
-        toy_png(setting, curves, args.png)
-    return toy_json(setting, curves)
-
-
-def adam_step(m=576, n=576, r=8, lr=1e-3, seed=0):
-    """Why the refactorings do little under AdamW (README, "Convergence on a real model"): one AdamW step on
-    min ½‖Y − ABᵀ‖² from the same unbalanced (A, B), ‖ΔW‖ for lora, reflora and reflora-s, against s = ‖B‖/‖A‖.
-    Adam's step is about ±lr per coordinate whatever the gradient's scale, so RefLoRA's preconditioned gradient
-    gives about LoRA's step, and RefLoRA-S's balance shrinks ‖ΔW‖ ≈ lr(‖ΔA‖‖B‖ + ‖A‖‖ΔB‖) by up to (1 + s)/(2√s)."""
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
-    Y, rows = rand(m, 4) @ rand(4, n) / 10, []
-    for a in (1e-3, 1e-2, 1e-1):  # ‖A‖ / ‖B‖: LoRA's A grows from 0 while B keeps its random init
-        A0, B0, dW = a * rand(m, r) / m ** 0.5, rand(n, r) / n ** 0.5, {}
-        for method in reflora.METHODS:
-            A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
-            opt = reflora.RefLoRA([(A, B)], method=method, lr=lr, warmup=0)  # reflora-s: balanced before the step
-            (0.5 * (Y - A @ B.T).square().sum()).backward()
-            opt.step()
-            dW[method] = torch.linalg.norm(A.detach() @ B.detach().T - A0 @ B0.T).item()
-        s = reflora.optimal_s(A0, B0).item()
-        rows.append(dict(s=s, bound=(1 + s) / (2 * s ** 0.5), **dW))
-        print(f"s = {s:7.1f}   (1+s)/(2√s) = {rows[-1]['bound']:5.1f}   ‖ΔW‖  lora {dW['lora']:.2e}   reflora "
-              f"{dW['reflora']:.2e}   reflora-s {dW['reflora-s']:.2e}   lora / reflora-s {dW['lora'] / dW['reflora-s']:.1f}")
-    return rows
-
-# -----------------------------------------------------------------------------
 # the suite: every GPU number the README promises, in one command, each part on its own
 
 
@@ -750,9 +588,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="every GPU number of the README (needs CUDA, or --device)")
     p.add_argument("--refactor", action="store_true", help="micro-benchmark of one refactor step")
-    p.add_argument("--toy", action="store_true", help="the paper's matrix-factorization toy")
-    p.add_argument("--adam_step", action="store_true", help="one AdamW step: ‖ΔW‖ of the three methods vs s")
-    p.add_argument("--toy_setting", default="paper", choices=list(TOY_SETTINGS), help="paper or normalized")
     p.add_argument("--generate", action="store_true", help="batched vs one-by-one beam search")
     p.add_argument("--compare_dtypes", action="store_true", help="training step: float32 eager vs bfloat16")
     p.add_argument("--model", default=None, choices=list(M.PRESETS),
@@ -774,7 +609,6 @@ def main(argv=None):
     p.add_argument("--grad_checkpoint", type=boolean, default=False,
                    help="True/False: recompute activations in backward")
     p.add_argument("--json", default="", help="write the results here (--suite: and a markdown table beside it)")
-    p.add_argument("--png", default="")
     args = p.parse_args(argv)
     if args.suite and args.device is None and not torch.cuda.is_available():
         print("bench.py --suite: no CUDA device here, nothing to measure (a CPU dry run: --suite --device=cpu "
@@ -791,10 +625,6 @@ def main(argv=None):
         args.batch_size = args.batch_size or 8
     if args.suite:
         res = suite(args)
-    elif args.toy:
-        res = bench_toy(args)
-    elif args.adam_step:
-        res = adam_step()
     elif args.refactor:
         res = bench_refactor(args)
     elif args.generate:

@@ -192,7 +192,7 @@ def cached_base(cfg, data_dir, out_dir):
 def base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log):
     """The base model's accuracy on the same examples, for the final table: with A = 0 the untrained adapter IS
     the base model. Cached in out_dir/eval_base.json under its protocol; None when off or nothing to evaluate."""
-    if not cfg["eval_base"] or cfg["fsdp"] or not eval_set_names(cfg, data_dir):
+    if not cfg["eval_base"] or not cfg["benchmark"] or cfg["fsdp"] or not eval_set_names(cfg, data_dir):
         return None
     f, key, acc = out_dir / "eval_base.json", protocol(cfg, data_dir), cached_base(cfg, data_dir, out_dir)
     if acc is not None:
@@ -210,6 +210,8 @@ def evaluate_run(model, tok, cfg, data_dir, out_dir, rank, world, log, base, ite
     the cached one), written to out_dir/eval.json; -> {set: accuracy}, or None when there is nothing to run."""
     if cfg["fsdp"]:  # the eval wants whole models: one per rank, batches sharded
         return log(f"fsdp: evaluate with `torchrun ... train.py --eval_only=True --out_dir={out_dir}` (no --fsdp)")
+    if not cfg["benchmark"]:
+        return log("eval: --benchmark=False: test sets not evaluated (validation loss only)")
     if not eval_set_names(cfg, data_dir) and cfg["data_path"]:
         return log(f"eval: no test sets in {data_dir}: benchmark evaluation skipped")
     base = base if base is not None else cached_base(cfg, data_dir, out_dir)

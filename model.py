@@ -235,6 +235,10 @@ class Transformer(nn.Module):
         """[(A, B)] of every LoRALinear, in module order: what reflora.RefLoRA takes."""
         return [(m.A, m.B) for m in self.modules() if isinstance(m, LoRALinear)]
 
+    def lora_scale(self):
+        """α/r of the LoRA layers (add_lora gives them all the same)."""
+        return next(m.scale for m in self.modules() if isinstance(m, LoRALinear))
+
     def setup_cache(self, batch, max_len):
         w, a = self.tok_embeddings.weight, self.args  # the cache in the embedding's dtype and device
         for layer in self.layers:

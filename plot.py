@@ -5,7 +5,9 @@ training loss on GLUE, LoRA vs RefLoRA vs RefLoRA-S).
 
     python plot.py out-lora out-reflora out-reflora-s [--out=loss.png] [--smooth=N] [--spread=minmax|std]
 
-Runs of one method (several seeds) are drawn as the mean over seeds with the min-max (or ±1 std) band shaded.
+Runs of one method (several seeds) are drawn as the mean over seeds with the min-max (or ±1 std) band shaded;
+with --smooth=N > 1 the curves are an exponential moving average over N steps (α = 2/(N + 1)) drawn over the
+faint raw mean, the window stated in the legend.
 The x axis is optimizer steps: log.jsonl does not record the training-set size, so epochs are not derivable.
 The reading and statistics below need numpy only; matplotlib is imported when a picture is drawn, and when it is
 missing loss_png returns None and the CLI exits 2 with one line.
@@ -47,6 +49,19 @@ def read_log(path):
     return train, val
 
 
+def read_series(path, key):
+    """{iter: rec[key]} of log.jsonl's training records that carry key (the later record of an iter wins)."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "loss" in rec and key in rec:
+            out[int(rec["iter"])] = rec[key]
+    return out
+
+
 def read_config(out_dir):
     """The run's resolved config: out_dir/config.json if there is one, else the one saved in state.pt; {} if none."""
     out_dir = Path(out_dir)
@@ -59,8 +74,9 @@ def read_config(out_dir):
 
 
 def load_run(out_dir):
-    """-> dict(path, method, seed, steps, loss, val): the training loss at each logged step (sorted), the
-    validation records; RunError naming the path if it is not a run with training records."""
+    """-> dict(path, method, seed, config, steps, loss, val, dw, dw_rel): the training loss at each logged step
+    (sorted), the validation records, the step's ‖ΔW‖ and its ratio to ‖(α/r)ABᵀ‖ at each step (NaN where not
+    logged); RunError naming the path if it is not a run with training records."""
     out_dir = Path(out_dir)
     log = out_dir / "log.jsonl"
     if not out_dir.is_dir():
@@ -72,8 +88,10 @@ def load_run(out_dir):
         raise RunError(f"{log}: no training-loss records")
     cfg = read_config(out_dir)
     steps = sorted(train)
+    dw, rel = read_series(log, "dw"), read_series(log, "dw_rel")
+    col = lambda d: np.array([np.nan if d.get(s) is None else float(d[s]) for s in steps])  # noqa: E731
     return dict(path=str(out_dir), method=cfg.get("method", out_dir.name), seed=cfg.get("seed"), config=cfg,
-                steps=np.array(steps), loss=np.array([train[s] for s in steps]), val=val)
+                steps=np.array(steps), loss=np.array([train[s] for s in steps]), val=val, dw=col(dw), dw_rel=col(rel))
 
 
 def group(runs):
@@ -104,6 +122,18 @@ def moving_average(y, n):
     i = np.arange(len(y))
     lo, hi = np.maximum(i - (n - 1) // 2, 0), np.minimum(i + n // 2 + 1, len(y))
     return (c[hi] - c[lo]) / (hi - lo)
+
+
+def ema(y, n):
+    """Exponential moving average over a window of n points, α = 2/(n + 1), started at y[0]; n <= 1 returns y."""
+    y = np.asarray(y, dtype=float)
+    if n <= 1 or len(y) == 0:
+        return y
+    a, out = 2 / (n + 1), np.empty(len(y))
+    out[0] = y[0]
+    for i in range(1, len(y)):
+        out[i] = (1 - a) * out[i - 1] + a * y[i]
+    return out
 
 
 def window_mean(steps, y, at, half=5):
@@ -162,7 +192,7 @@ def loss_png(out_dir, path=None):
     ax.plot(s, y, color="C0", lw=1, alpha=0.35 if every_step and len(s) >= 20 else 1, label="train loss")
     if every_step and len(s) >= 20:
         n = max(5, len(s) // 20)
-        ax.plot(s, moving_average(y, n), color="C0", lw=1.8, label=f"train loss, mean of {n} steps")
+        ax.plot(s, ema(y, n), color="C0", lw=1.8, label=f"train loss, EMA over {n} steps")
     if run["val"]:
         v = sorted(run["val"])
         ax.plot(v, [run["val"][i]["val_loss"] for i in v], "o-", color="C3", ms=4, label="validation loss")
@@ -171,8 +201,9 @@ def loss_png(out_dir, path=None):
     return _save(fig, plt, path or Path(out_dir) / "loss.png")
 
 
-def overlay_png(runs, path, smooth=1, spread="minmax"):
-    """Several runs on one axes, grouped by method: mean over seeds, min-max or ±std band; -> the path or None."""
+def overlay_png(runs, path, smooth=1, spread="minmax", labels=None, title=None):
+    """Several runs on one axes, grouped by method: mean over seeds, min-max or ±std band; smooth > 1: an EMA over
+    that many steps drawn over the faint raw mean. labels: {method: text after its name}. -> the path or None."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -180,15 +211,49 @@ def overlay_png(runs, path, smooth=1, spread="minmax"):
     for k, (method, rs) in enumerate(group(runs).items()):
         a = aggregate(rs)
         label, color = METHODS.get(method, (method, f"C{5 + k}"))
+        label += (f" {labels[method]}" if labels and method in labels else "") + \
+            (f" ({a['n']} seeds)" if a["n"] > 1 else "") + (f", EMA over {smooth} steps" if smooth > 1 else "")
         lo, hi = (a["min"], a["max"]) if spread == "minmax" else (a["mean"] - a["std"], a["mean"] + a["std"])
-        ax.plot(a["steps"], moving_average(a["mean"], smooth), color=color, lw=1.8,
-                label=label + (f" ({a['n']} seeds)" if a["n"] > 1 else ""))
+        if smooth > 1:
+            ax.plot(a["steps"], a["mean"], color=color, lw=0.8, alpha=0.3)
+        ax.plot(a["steps"], ema(a["mean"], smooth), color=color, lw=1.8, label=label)
         if a["n"] > 1:
-            ax.fill_between(a["steps"], moving_average(lo, smooth), moving_average(hi, smooth), color=color,
-                            alpha=0.2, lw=0)
-    ax.set(xlabel="Step", ylabel="Loss")
+            ax.fill_between(a["steps"], ema(lo, smooth), ema(hi, smooth), color=color, alpha=0.2, lw=0)
+    ax.set(xlabel="Step", ylabel="Loss", title=title)
     ax.set_xlim(left=0)
     ax.legend(frameon=False)
+    return _save(fig, plt, path)
+
+
+def lr_png(points, path, ylabels, title=None):
+    """The learning-rate sensitivity plot: one panel per entry of ylabels (key: y label), y against lr (log x)
+    per method. points {method: {"lr": [...], key: [...] (None: diverged, drawn as × at the top), "best": lr}}.
+    -> the path or None."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    keys = [k for k in ylabels if any(any(v is not None for v in p.get(k, [])) for p in points.values())]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.6 * len(keys), 4.4), dpi=150, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.set_facecolor("#eaeaf2")
+        ax.grid(True, color="white")
+        ys = [v for p in points.values() for v in p.get(key, []) if v is not None]
+        top = max(ys) if ys else 1.0
+        for k, (method, p) in enumerate(sorted(points.items(), key=lambda mp: list(METHODS).index(mp[0])
+                                               if mp[0] in METHODS else len(METHODS))):
+            label, color = METHODS.get(method, (method, f"C{5 + k}"))
+            lr, y = np.array(p["lr"]), p.get(key, [])
+            ok = np.array([v is not None for v in y], dtype=bool)
+            ax.plot(lr[ok], [v for v in y if v is not None], "o-", color=color, ms=4, label=label)
+            ax.plot(lr[~ok], [top] * int((~ok).sum()), "x", color=color, ms=8, mew=2)
+            if p.get("best") in p["lr"] and y[p["lr"].index(p["best"])] is not None:
+                ax.plot([p["best"]], [y[p["lr"].index(p["best"])]], "*", color=color, ms=13)
+        ax.set(xscale="log", xlabel="learning rate", ylabel=ylabels[key])
+        ax.legend(frameon=False, fontsize=8, title="★ best lr, × diverged", title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return _save(fig, plt, path)
 
 

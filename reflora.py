@@ -190,6 +190,34 @@ def rescale(As, Bs, moments, floor=None, reduce=None):
     return _stats(usable, usable, s, resid)
 
 
+def step_norm(old, new, reduce=None):
+    """The step each pair took in W, without forming any m×n matrix: (‖A'B'ᵀ − ABᵀ‖_F, ‖A'B'ᵀ‖_F), (k,) float64.
+
+    old, new: pairs before and after the step, as RefLoRA(pairs) takes them ((A, B), or (A, Bᵀ, True)).
+    ‖XYᵀ‖²_F = tr((XᵀX)(YᵀY)) for any split of the step; with X = [A' − A, A], Y = [B', B' − B] (XYᵀ =
+    A'B'ᵀ − ABᵀ) a small step is not the difference of two large numbers. Grams in float64 (see DT).
+    reduce: a sum over row shards (FSDP), or None.
+    """
+    view = lambda p: (p[0], p[1].mT if len(p) > 2 and p[2] else p[1])
+    G = []  # XᵀX, YᵀY of each pair, (2r, 2r)
+    for (A, B), (A1, B1) in zip(map(view, old), map(view, new)):
+        A, B, A1, B1 = A.to(DT), B.to(DT), A1.to(DT), B1.to(DT)
+        X, Y = torch.cat([A1 - A, A], dim=-1), torch.cat([B1, B1 - B], dim=-1)  # (m, 2r), (n, 2r)
+        G += [X.mT @ X, Y.mT @ Y]
+    if reduce is not None:  # the Grams are sums over rows: one collective for all pairs
+        flat = reduce(torch.cat([g.flatten() for g in G])).split([g.numel() for g in G])
+        G = [f.view(g.shape) for f, g in zip(flat, G)]
+    dw2, w2 = [], []
+    for Gx, Gy in zip(G[0::2], G[1::2]):
+        r = Gx.shape[-1] // 2
+        Ga1 = Gx[:r, :r] + Gx[:r, r:] + Gx[r:, :r] + Gx[r:, r:]  # A'ᵀA', A' = (A' − A) + A
+        # ‖ΔW‖²_F = tr(XᵀX YᵀY) = Σ (XᵀX)∘(YᵀY) (both symmetric); ‖A'B'ᵀ‖²_F = tr(A'ᵀA' B'ᵀB')
+        dw2.append((Gx * Gy).sum())
+        w2.append((Ga1 * Gy[:r, :r]).sum())
+    dw2, w2 = torch.stack(dw2), torch.stack(w2)
+    return dw2.clamp(min=0).sqrt(), w2.clamp(min=0).sqrt()
+
+
 # -----------------------------------------------------------------------------
 # The optimizer: base AdamW (torch's own functional, so "lora" is exactly torch.optim.AdamW) or plain GD,
 # with RefLoRA's preconditioning before the base step or RefLoRA-S's rescaling after it.

@@ -40,7 +40,7 @@ from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm,
     resolve_data_dir, steps_per_epoch
 from evaluate import base_accuracy, evaluate_out_dir, evaluate_run, validate
 from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compute_dtype, flops_per_token, peak_flops
-from reflora import METHODS, RefLoRA, local
+from reflora import BASES, METHODS, RefLoRA, local, step_norm
 from runstate import SIGNALS, Interrupted, TrainingDiverged, check_out_dir, claim, resume_checkpoint, save_checkpoint, \
     signal_handlers, training_state
 from weights import load_base
@@ -53,6 +53,7 @@ _before = set(globals())
 init_from = "smollm2-135m"  # preset name (tiny, smollm2-135m), Meta/HF checkpoint directory, or .gguf file
 tokenizer = ""  # "" = the checkpoint's own ("bytes" for the random-init tiny preset)
 method = "reflora-s"  # lora | reflora | reflora-s
+base = "adamw"  # adamw | sgd (plain gradient descent, the setting of Theorems 3-6): the step every method takes
 lora_r = 16
 lora_alpha = 32
 lora_dropout = 0.05
@@ -73,6 +74,7 @@ eval_batch_size = 16
 num_beams = 1  # greedy; the benchmark's protocol is 4 beams, 32 new tokens (config/*.py)
 max_new_tokens = 16
 eval_base = True  # evaluate the base model on the same examples first (cached in out_dir), shown beside the result
+benchmark = True  # evaluate the commonsense test sets after training; False: validation loss only
 # optimization
 batch_size = 8  # global batch per optimizer step
 micro_batch_size = 8  # per process; gradient accumulation in between
@@ -84,7 +86,7 @@ stop_iter = 0  # stop (after a checkpoint) at this step, the schedule unchanged:
 lr = 5e-4
 weight_decay = 0.0
 warmup_steps = 10  # linear warmup, then linear decay to 0
-grad_clip = 1.0
+grad_clip = 1.0  # 0 = no clipping
 # system and logging
 log_interval = 10
 eval_interval = 0  # validation loss + checkpoint every this many steps, and at the end (0 = at the end only)
@@ -103,7 +105,7 @@ DEFAULTS = {k: v for k, v in globals().items() if k not in _before and k != "_be
 GLUE_DEFAULTS = dict(lora_r=8, lora_alpha=16, lr=1e-4, epochs=3, max_iters=0, cutoff_len=128, warmup_steps=100,
                      reflora_warmup=100, batch_size=16, micro_batch_size=16, group_by_length=False, eval_limit=0,
                      eval_interval=500)
-CHOICES = dict(method=METHODS, task=("commonsense", "glue"), glue_task=tuple(GLUE_TASKS),
+CHOICES = dict(method=METHODS, base=BASES, task=("commonsense", "glue"), glue_task=tuple(GLUE_TASKS),
                dtype=("auto", "float32", "bfloat16"))
 
 
@@ -116,8 +118,9 @@ RULES = [((k,), lambda v, o=o: v in o, f"expected one of {', '.join(o)}") for k,
       "log_interval", "reflora_interval"), lambda v: v >= 1, "must be >= 1"),
     (("max_iters", "stop_iter", "epochs", "eval_limit", "warmup_steps", "reflora_warmup", "eval_interval",
       "val_set_size"), lambda v: v >= 0, "must be >= 0"),
-    (("lr", "lora_alpha", "grad_clip"), lambda v: 0 < v < INF, "must be a finite number > 0"),
+    (("lr", "lora_alpha"), lambda v: 0 < v < INF, "must be a finite number > 0"),
     (("weight_decay",), lambda v: 0 <= v < INF, "must be a finite number >= 0"),
+    (("grad_clip",), lambda v: 0 <= v < INF, "must be a finite number >= 0 (0: no clipping)"),
     (("lora_dropout",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (("device",), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "expected auto, cpu, cuda or cuda:N"),
 ]
@@ -126,7 +129,7 @@ RULES = [((k,), lambda v, o=o: v in o, f"expected one of {', '.join(o)}") for k,
 MAY_CHANGE = {"lr", "weight_decay", "grad_clip", "max_iters", "epochs", "stop_iter", "warmup_steps", "log_interval",
               "eval_interval", "eval_sets", "eval_limit", "eval_batch_size", "num_beams", "max_new_tokens",
               "out_dir", "resume", "overwrite", "eval_only", "device", "dtype", "compile", "backend", "fsdp",
-              "grad_checkpoint"}
+              "grad_checkpoint", "benchmark"}
 
 
 def parse_config(argv):
@@ -261,7 +264,7 @@ def _train(r):
             f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
     r.fwd = _forward(r)
     r.log(f"training: {len(r.train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({r.world} × {r.accum} × "
-          f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']}")
+          f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']} on {cfg['base']}")
     r.logf = open(r.out_dir / "log.jsonl", "a") if r.rank == 0 else None
     lengths = [len(r.encode(r.tok, e, cfg["cutoff_len"])) for e in r.train_set] if cfg["group_by_length"] else None
     r.order = BatchOrder(len(r.train_set), cfg["batch_size"], cfg["seed"], lengths)
@@ -271,10 +274,12 @@ def _train(r):
     SIGNALS.armed, SIGNALS.got = True, None
     try:
         while r.it < r.total and not (cfg["stop_iter"] and r.it >= cfg["stop_iter"]):
+            at_log = (r.it + 1) % cfg["log_interval"] == 0 or r.it + 1 == r.total
+            old = _factors(r) if at_log else None  # the factors before a step that ends at a log point
             lr = _step(r)
             r.it += 1
-            if r.it % cfg["log_interval"] == 0 or r.it == r.total:
-                _log_line(r, lr)
+            if at_log:
+                _log_line(r, lr, old)
             if (cfg["eval_interval"] and r.it % cfg["eval_interval"] == 0) or r.it in (r.total, cfg["stop_iter"]):
                 _stop_if_diverged(r, r.loss_sum)
                 _checkpoint(r)
@@ -312,7 +317,7 @@ def _summary(cfg, out_dir, log):
 def _optimizer(cfg, model, clf, total, dev):
     """RefLoRA on the LoRA pairs (the head, if any, by the base rule); HF's linear warmup then linear decay to 0."""
     opt = RefLoRA(model.lora_pairs(), params=[] if clf is None else list(clf.head.parameters()), method=cfg["method"],
-                  base="adamw", lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup=cfg["reflora_warmup"],
+                  base=cfg["base"], lr=cfg["lr"], weight_decay=cfg["weight_decay"], warmup=cfg["reflora_warmup"],
                   interval=cfg["reflora_interval"], compile=cfg["compile"] and dev.type == "cuda")
     w = cfg["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -350,7 +355,8 @@ def _step(r):
             # HF Trainer: each micro-batch's mean loss / the accumulation steps
             (loss / r.accum).backward()
         r.loss_sum += loss.detach().float() / r.accum
-    torch.nn.utils.clip_grad_norm_(r.trainable, cfg["grad_clip"])
+    if cfg["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(r.trainable, cfg["grad_clip"])
     lr = r.opt.param_groups[0]["lr"]
     r.opt.step()
     r.sched.step()
@@ -358,8 +364,14 @@ def _step(r):
     return lr
 
 
-def _log_line(r, lr):
-    """nanoGPT's log line over the interval (a host sync): loss, lr, ms/step, tok/s, MFU, peak memory, ETA."""
+def _factors(r):
+    """Copies of this rank's LoRA factors (on the device), for the step norm of the next log line."""
+    return [(local(A).detach().clone(), local(B).detach().clone()) for A, B in r.model.lora_pairs()]
+
+
+def _log_line(r, lr, old):
+    """nanoGPT's log line over the interval (a host sync): loss, lr, ms/step, tok/s, MFU, peak memory, ETA, and
+    the last step in W: ‖ΔW‖_F summed over pairs (scale α/r included) and its ratio to Σ‖(α/r) A Bᵀ‖_F after it."""
     _stop_if_diverged(r, r.loss_sum)
     if r.ddp:
         torch.distributed.all_reduce(r.loss_sum)
@@ -371,15 +383,21 @@ def _log_line(r, lr):
     rec = dict(iter=r.it, loss=r.loss_sum.item() / n / r.world, lr=lr, ms=1000 * dt / n,
                tok_s=r.tokens * r.world / dt, mfu=r.flops / dt / r.peak if r.peak else None, mem_gb=mem / 1e9,
                eta_s=dt / n * (r.total - r.it))
+    reduce = (lambda t: (torch.distributed.all_reduce(t), t)[1]) if r.cfg["fsdp"] else None  # Grams over shards
+    dw, w = step_norm(old, _factors(r), reduce)
+    scale = r.model.lora_scale()
+    rec["dw"], w = dw.sum().item() * scale, w.sum().item() * scale
+    rec["dw_rel"] = rec["dw"] / w if w > 0 else None  # None while A = 0
     tps = f"{rec['tok_s'] / 1e3:.1f}k" if rec["tok_s"] >= 1e3 else f"{rec['tok_s']:.0f}"
     mfu = "-" if r.peak is None else f"{100 * rec['mfu']:.1f}%"
+    rel = "-" if rec["dw_rel"] is None else f"{rec['dw_rel']:.1e}"
     # the last refactoring (RefLoRA, RefLoRA-S): pairs exact / scalar fallback / left alone, balance residual, s
     rec["refactor"] = st = r.opt.stats()
     ref = "" if not st else (f", refactor {st['exact']:.0f}/{st['fallback']:.0f}/{st['alone']:.0f} resid "
                              f"{st['residual']:.0e}" + (f" s {st['s_median']:.2g} [{st['s_min']:.2g}, {st['s_max']:.2g}]"
                                                          if "s_median" in st else ""))
     r.log(f"iter {r.it}: loss {rec['loss']:.4f}, lr {lr:.1e}, {rec['ms']:.0f} ms, {tps} tok/s, mfu {mfu}, "
-          f"mem {rec['mem_gb']:.1f} GB, eta {hms(rec['eta_s'])}{ref}")
+          f"mem {rec['mem_gb']:.1f} GB, eta {hms(rec['eta_s'])}, ‖ΔW‖ {rec['dw']:.2e} ({rel} × ‖(α/r)ABᵀ‖){ref}")
     _log_json(r, rec)
     r.loss_sum.zero_()
     r.t_log, r.it_log, r.tokens, r.flops = time.time(), r.it, 0, 0.0

@@ -166,8 +166,8 @@ case("no-equals", lambda R, d: ["--lr"], words="--lr")
 for k, v in [("max_iters", "1.5"), ("lora_r", "x"), ("lr", "abc"), ("compile", "yes"), ("resume", "1"),
              ("seed", ""), ("weight_decay", "1e"), ("lora_alpha", "2.5"), ("grad_checkpoint", "true")]:
     case(f"type-{k}-{v}", lm(**{k: v}), words=k)
-for k, v in [("method", "dora"), ("task", "mnli"), ("glue_task", "wnli"), ("dtype", "float16"), ("device", "tpu"),
-             ("device", "gpu"), ("device", "cuda:x"), ("method", "")]:
+for k, v in [("method", "dora"), ("base", "lion"), ("base", "SGD"), ("task", "mnli"), ("glue_task", "wnli"),
+             ("dtype", "float16"), ("device", "tpu"), ("device", "gpu"), ("device", "cuda:x"), ("method", "")]:
     case(f"choice-{k}-{v}", lm(**{k: v}), words=k)
 if not torch.cuda.is_available():
     case("device-cuda-no-cuda", lm(device="cuda"), words="--device=cuda")
@@ -179,7 +179,7 @@ for k in ("lora_r", "batch_size", "micro_batch_size", "cutoff_len", "eval_batch_
 for k in ("max_iters", "stop_iter", "epochs", "eval_limit", "warmup_steps", "reflora_warmup", "eval_interval",
           "val_set_size"):
     case(f"range-{k}=-1", lm(**{k: -1}), words=f"--{k}=-1")
-for k, vs in [("lr", ("-1", "0", "nan", "inf", "-inf")), ("grad_clip", ("-1", "0", "nan", "inf")),
+for k, vs in [("lr", ("-1", "0", "nan", "inf", "-inf")), ("grad_clip", ("-1", "nan", "inf")),
               ("weight_decay", ("-1", "nan", "inf")), ("lora_dropout", ("-0.1", "1", "1.5", "nan")),
               ("lora_alpha", ("0", "-8"))]:
     for v in vs:
@@ -263,10 +263,10 @@ case("manifest-lists-missing", lm(resume=True, max_iters=3),
      copy(then=manifest_edit(lambda m: {**m, "files": {**m["files"], "gone.bin": 3}})), words="gone.bin")
 case("adapter-resized-vs-manifest", lm(eval_only=True), copy(then=truncate("adapter_model.safetensors", 0.9)),
      words="adapter_model.safetensors")
-for k, v in [("lora_r", 8), ("lora_alpha", 16), ("method", "lora"), ("seed", 1), ("batch_size", 4),
-             ("micro_batch_size", 2), ("lora_dropout", 0.1), ("lora_targets", "wq,wv"), ("cutoff_len", 100),
-             ("val_set_size", 6), ("reflora_warmup", 3), ("group_by_length", False), ("reflora_interval", 2),
-             ("tokenizer", "bytes")]:
+for k, v in [("lora_r", 8), ("lora_alpha", 16), ("method", "lora"), ("base", "sgd"), ("seed", 1),
+             ("batch_size", 4), ("micro_batch_size", 2), ("lora_dropout", 0.1), ("lora_targets", "wq,wv"),
+             ("cutoff_len", 100), ("val_set_size", 6), ("reflora_warmup", 3), ("group_by_length", False),
+             ("reflora_interval", 2), ("tokenizer", "bytes")]:
     case(f"resume-changes-{k}", lm(resume=True, max_iters=3, **{k: v}), copy(),
          words=(f"--{k}=", "cannot change on resume"))
 case("resume-changes-data-dir", lambda R, d: flags(**{**R["lm"], "out_dir": d / "out", "resume": True,

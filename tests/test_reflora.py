@@ -629,3 +629,42 @@ def test_find_pairs_on_the_project_lora_linear():
     m = torch.nn.Sequential(M.LoRALinear(torch.randn(6, 5), 2, 4), M.LoRALinear(torch.randn(4, 6), 3, 6))
     m[1].A.requires_grad_(False)
     assert [(A is m[0].A, B is m[0].B, t) for A, B, t in reflora.find_pairs(m)] == [(True, True, False)]
+
+
+# -----------------------------------------------------------------------------
+# step_norm: the step in W from r×r Grams, against the dense m×n computation
+
+
+def test_step_norm_equals_the_dense_norm_in_both_layouts():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(12, 9, 3), (7, 15, 1), (20, 20, 6), (5, 30, 4)]  # (m, n, r): tall, wide, square, r ≈ m
+    old = [(torch.randn(m, r, generator=g, dtype=F64), torch.randn(n, r, generator=g, dtype=F64)) for m, n, r in shapes]
+    # new factors: a step plus a rescale (RefLoRA-S's √s A, B/√s), so A' − A is not small
+    new = [(1.7 * A + 0.3 * torch.randn(A.shape, generator=g, dtype=F64),
+            B / 1.7 - 0.2 * torch.randn(B.shape, generator=g, dtype=F64)) for A, B in old]
+    dense_dw = torch.stack([torch.linalg.norm(A1 @ B1.T - A @ B.T) for (A, B), (A1, B1) in zip(old, new)])
+    dense_w = torch.stack([torch.linalg.norm(A1 @ B1.T) for A1, B1 in new])
+    for layout in ("project", "peft"):
+        t = lambda ps: ps if layout == "project" else [(A, B.T.contiguous(), True) for A, B in ps]  # noqa: E731
+        dw, w = reflora.step_norm(t(old), t(new))
+        assert dw.dtype == w.dtype == F64 and dw.shape == w.shape == (len(shapes),)
+        assert rel(dw, dense_dw) < 1e-12 and rel(w, dense_w) < 1e-12, layout
+        assert torch.allclose(dw, dense_dw, rtol=1e-12, atol=0) and torch.allclose(w, dense_w, rtol=1e-12, atol=0)
+    # row shards (FSDP): each shard's Grams, summed by `reduce`, give the whole pair's norms
+    half = lambda ps, k: [(A[k::2], B[k::2]) for A, B in ps]  # noqa: E731
+    got = {}
+    reflora.step_norm(half(old, 1), half(new, 1), reduce=lambda x: got.setdefault("other", x))
+    dw, w = reflora.step_norm(half(old, 0), half(new, 0), reduce=lambda x: x + got["other"])
+    assert rel(dw, dense_dw) < 1e-12 and rel(w, dense_w) < 1e-12
+
+
+def test_step_norm_of_a_tiny_float32_step_is_accurate():
+    # a step of a few float32 ulps: ‖ΔW‖/‖W‖ ~ 1e-6; products of float32 numbers are exact in float64, so the
+    # dense float64 difference is accurate to ~1e-10 here; tr((XᵀX)(YᵀY)) with X = [A', A] would lose ~1e-4
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(64, 4, generator=g), torch.randn(48, 4, generator=g)
+    A1, B1 = A * (1 + 2e-6 * torch.randn(A.shape, generator=g)), B * (1 - 1e-6 * torch.randn(B.shape, generator=g))
+    dense = torch.linalg.norm(A1.double() @ B1.double().T - A.double() @ B.double().T)
+    assert dense / torch.linalg.norm(A1.double() @ B1.double().T) < 1e-5
+    dw, _ = reflora.step_norm([(A, B)], [(A1, B1)])
+    assert abs(dw[0] / dense - 1) < 1e-8

@@ -12,7 +12,7 @@ import torch
 
 import train as T
 from data.glue.prepare import glue_metrics
-from dataset import GLUE_SEP, encode_cls, group_by_len
+from dataset import GLUE_SEP, encode_cls, encode_lm, group_by_len, lm_batch, load_data
 from evaluate import evaluate
 from helpers import ROOT, state, tiny_args, write_glue
 from model import PRESETS, lora_state_dict, merge_lora
@@ -268,6 +268,10 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
         for k in sa:  # Adam moments: normwise (elements near 0 carry the float32 reduction-order noise)
             assert sb[k].shape == sa[k].shape and (sb[k] - sa[k]).norm() <= 1e-4 * sa[k].norm(), k
     assert any(v.abs().max() > 0 for k, v in one["lora"].items() if k.endswith(".A"))
+    # the step norm of the log: Grams summed over the shards give the whole model's ‖ΔW‖
+    dw = lambda d: [json.loads(l)["dw"] for l in (tmp_path / d / "out/log.jsonl").read_text().splitlines()
+                    if '"loss"' in l]  # noqa: E731
+    assert len(dw("one")) == 4 and dw("two") == pytest.approx(dw("one"), rel=1e-4) and dw("one")[-1] > 0
     # the PEFT export of the sharded run holds the full tensors
     model = load_model("tiny")
     load_adapter(model, tmp_path / "two/out")
@@ -288,3 +292,55 @@ def test_log_records_the_refactoring(tmp_path, method):
         n_pairs = 5 * PRESETS["tiny"]["n_layers"]  # q, k, v, up, down in every block
         assert st[3]["exact"] == n_pairs and st[3]["fallback"] == st[3]["alone"] == 0
         assert st[3]["residual"] < 1e-5 and 0 < st[3]["s_min"] <= st[3]["s_median"] <= st[3]["s_max"]
+
+
+# -----------------------------------------------------------------------------
+# --base=sgd (issue 21): plain gradient descent, checked against an independent loop; the step norm in the log
+
+
+def test_base_sgd_is_plain_gradient_descent_and_logs_the_step(tmp_path):
+    """--base=sgd --grad_clip=0 with method lora is p ← p − lr_t ∇p under HF's linear schedule, and each log
+    record's dw is the step's Σ‖(α/r)(A'B'ᵀ − ABᵀ)‖_F, dw_rel its ratio to Σ‖(α/r)A'B'ᵀ‖_F (dense here)."""
+    total, w, lr, bs = 4, 2, 0.5, 4
+    argv = tiny_args(tmp_path, method="lora", base="sgd", grad_clip=0, lora_dropout=0.0, batch_size=bs,
+                     micro_batch_size=bs, group_by_length=False, max_iters=total, warmup_steps=w, lr=lr,
+                     dtype="float32", benchmark=False)
+    cfg = T.parse_config(argv)
+    T.main(argv)
+    # the reference: same init (seed), same batches (seed's permutation of the training set), the update by hand
+    torch.manual_seed(cfg["seed"])
+    model, tok, _ = T.build(cfg, torch.device("cpu"), torch.float32)
+    train_set, _ = load_data(cfg, cfg["data_dir"], lambda *a: None)
+    perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg["seed"])).tolist()
+    pairs, scale = model.lora_pairs(), cfg["lora_alpha"] / cfg["lora_r"]
+    dws, rels = [], []
+    for t in range(total):
+        lr_t = lr * (t / w if t < w else (total - t) / (total - w))
+        x, y = lm_batch([encode_lm(tok, train_set[i], cfg["cutoff_len"]) for i in perm[t * bs:(t + 1) * bs]],
+                          tok.pad_id)
+        model(x, targets=y)[1].backward()
+        W0 = [A.detach().double() @ B.detach().double().T for A, B in pairs]
+        with torch.no_grad():
+            for A, B in pairs:
+                for p in (A, B):
+                    p -= lr_t * p.grad
+                    p.grad = None
+        W1 = [A.detach().double() @ B.detach().double().T for A, B in pairs]
+        dws.append(scale * sum(torch.linalg.norm(b - a).item() for a, b in zip(W0, W1)))
+        rels.append(dws[-1] / (scale * sum(torch.linalg.norm(b).item() for b in W1)) if t else None)
+    st = state(tmp_path / "out")
+    ref = lora_state_dict(model)
+    assert st["config"]["base"] == "sgd" and ref.keys() == st["lora"].keys()
+    assert any(v.abs().max() > 0 for k, v in ref.items() if k.endswith(".A"))  # the adapter moved
+    for k in ref:
+        torch.testing.assert_close(st["lora"][k], ref[k], rtol=1e-5, atol=1e-7)
+    recs = [json.loads(line) for line in (tmp_path / "out/log.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["iter"] for r in train] == [1, 2, 3, 4]
+    # step 1 runs at lr 0 (warmup): no step, A = 0, no ratio; then the dense reference's numbers
+    assert train[0]["dw"] == 0 and train[0]["dw_rel"] is None and dws[0] == 0
+    for r, dw, rel in zip(train[1:], dws[1:], rels[1:]):
+        assert r["dw"] == pytest.approx(dw, rel=1e-4) and r["dw_rel"] == pytest.approx(rel, rel=1e-4)
+    # --benchmark=False: the validation loss at the end, no test set (nor base model) evaluated
+    assert any("val_loss" in r and r["iter"] == total for r in recs)
+    assert not list((tmp_path / "out").glob("eval*.json"))
