@@ -214,48 +214,50 @@ def _shard_sum(t):
 
 
 def _mat(x, t=False):
-    """x as the matrix it stands for, a view (no copy): a conv factor (r, in, kh, kw) -> (r, in·kh·kw), (out, r, 1, 1)
-    -> (out, r); then `.mT` for a B stored transposed (t)."""
+    """x as the matrix it stands for, a view (no copy): conv factors (r, in, kh, kw) -> (r, in·kh·kw), (out, r, 1, 1)
+    -> (out, r); `.mT` of it for a B stored transposed (t)."""
     x = x if x.dim() == 2 else x.view(x.shape[0], -1)
     return x.mT if t else x
 
 
 def _pair(x):
-    """(A, B) or (A, B, t) -> (A, B, t), checked: A (m, r) or (m, r, 1, ..), B (n, r), or Bᵀ (r, n, ..) with t."""
+    """(A, B[, t]) -> (A, B, t), checked: A (m, r[, 1, 1]), B (n, r) or, with t, Bᵀ (r, n[, kh, kw])."""
     A, B, t = x[0], x[1], bool(x[2]) if len(x) > 2 else False
     if not (A.dim() >= 2 and math.prod(A.shape[2:]) == 1 and (B.dim() >= 2 if t else B.dim() == 2)
             and A.shape[1] == B.shape[0 if t else 1] and all(p.dim() == 2 or p.is_contiguous() for p in (A, B))):
-        raise ValueError(f"RefLoRA: a pair must be A (m, r), B (n, r) (or Bᵀ (r, n) flagged True; conv: A (m, r, 1, "
-                         f"1), Bᵀ (r, in, kh, kw), contiguous), got {tuple(A.shape)}, {tuple(B.shape)}")
+        raise ValueError(f"RefLoRA: a pair must be A (m, r), B (n, r) (or Bᵀ (r, n) flagged True; conv: contiguous "
+                         f"A (m, r, 1, 1), Bᵀ (r, in, kh, kw)), got {tuple(A.shape)}, {tuple(B.shape)}")
     return A, B, t
 
 
 def find_pairs(module):
     """The trainable LoRA pairs of a module tree, in the form RefLoRA(pairs, ...) takes.
 
-    This project's LoRALinear (parameters A (out, r), B (in, r)) gives (A, B). PEFT's layers give (A, Bᵀ, True) per
-    adapter name, B stepped through `.mT` views of the parameter, its gradient and its moments: Linear / Conv1D
-    (lora_B[k].weight (out, r) = A, lora_A[k].weight (r, in) = Bᵀ), Embedding (lora_embedding_B[k] (dim, r) = A,
-    lora_embedding_A[k] (r, num_embeddings) = Bᵀ) and Conv (lora_B[k].weight (out, r, 1, 1), lora_A[k].weight
-    (r, in, kh, kw): the unfolded pair, stepped through views). Pairs with a frozen factor are left out (their
-    trainable half is not a pair: create_reflora_optimizer steps it by the base rule). LoRA-like factors that do
-    not form such a pair (a missing half, grouped conv, experts, a shared factor, AdaLoRA) raise one ValueError
-    naming them all.
+    This project's LoRALinear (A (out, r), B (in, r)) gives (A, B). PEFT's layers give (A, Bᵀ, True) per adapter:
+    Linear and Conv1D (lora_B[k].weight (out, r) = A, lora_A[k].weight (r, in) = Bᵀ), Embedding (lora_embedding_B[k]
+    (dim, r) = A, lora_embedding_A[k] (r, num_embeddings) = Bᵀ), Conv (lora_B[k].weight (out, r, 1, 1) and
+    lora_A[k].weight (r, in, kh, kw): the unfolded pair). They are stepped through views (`.mT`, and _mat for conv)
+    of the parameter, its gradient and its moments. A pair with a frozen factor is left out (its trainable half
+    is a plain parameter: see create_reflora_optimizer). LoRA factors that make no such pair (a missing half,
+    grouped conv, PEFT's per-expert blocks, a factor shared by two pairs, AdaLoRA) raise one ValueError naming all.
     """
     pairs, bad, seen = [], [], set()
     for name, mod in module.named_modules():
-        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
-            lA, lB = getattr(mod, a, None), getattr(mod, b, None)
-            if lA is None and lB is None:
+        A, B = getattr(mod, "A", None), getattr(mod, "B", None)  # LoRALinear
+        if isinstance(A, torch.nn.Parameter) and isinstance(B, torch.nn.Parameter) and A.dim() == B.dim() == 2 \
+                and A.shape[1] == B.shape[1] and A.requires_grad and B.requires_grad:
+            pairs.append((A, B, False))
+        for a, b, kind in (("lora_A", "lora_B", torch.nn.ModuleDict),
+                           ("lora_embedding_A", "lora_embedding_B", torch.nn.ParameterDict)):
+            dA, dB = getattr(mod, a, None), getattr(mod, b, None)
+            if not (isinstance(dA, kind) and isinstance(dB, kind)):
+                if any(p.requires_grad for d in (dA, dB) if isinstance(d, torch.nn.Module) for p in d.parameters()):
+                    bad.append(f"{name}.{a} ({type(dA).__name__})")  # e.g. AdaLoRA's ParameterDicts
                 continue
-            kind = torch.nn.ModuleDict if a == "lora_A" else torch.nn.ParameterDict  # Linear, Conv | Embedding
-            if not (isinstance(lA, kind) and isinstance(lB, kind)):
-                if any(p.requires_grad for d in (lA, lB) if isinstance(d, torch.nn.Module) for p in d.parameters()):
-                    bad.append(f"{name}.{a}, {name}.{b} ({type(lA).__name__}, {type(lB).__name__})")  # AdaLoRA
-                continue
-            w = (lambda d, k: getattr(d[k], "weight", None)) if a == "lora_A" else (lambda d, k: d[k])
-            for k in dict.fromkeys([*lA.keys(), *lB.keys()]):
-                A, Bt = w(lB, k) if k in lB else None, w(lA, k) if k in lA else None
+            w = lambda d, k: None if k not in d else d[k] if kind is torch.nn.ParameterDict else \
+                getattr(d[k], "weight", None)
+            for k in dict.fromkeys([*dA, *dB]):
+                A, Bt = w(dB, k), w(dA, k)
                 if not any(p is not None and p.requires_grad for p in (A, Bt)):
                     continue  # a frozen adapter
                 try:
@@ -263,26 +265,22 @@ def find_pairs(module):
                 except (AttributeError, ValueError):
                     ok = False
                 if not ok:
-                    shapes = ", ".join(str(tuple(p.shape)) if p is not None else "missing" for p in (Bt, A))
-                    bad.append(f"{name}.{a}.{k}, {name}.{b}.{k} ({shapes})")
+                    bad.append(f"{name}.{a}.{k} " + "/".join(str(tuple(p.shape)) if p is not None else "missing"
+                                                              for p in (Bt, A)))
                 elif A.requires_grad and Bt.requires_grad:
                     pairs.append((A, Bt, True))
-                    seen |= {id(A), id(Bt)}
-        if all(isinstance(getattr(mod, k, None), torch.nn.Parameter) for k in ("A", "B")):
-            if mod.A.dim() == 2 and mod.B.dim() == 2 and mod.A.shape[1] == mod.B.shape[1]:
-                if mod.A.requires_grad and mod.B.requires_grad:
-                    pairs.append((mod.A, mod.B, False))
+                seen |= {id(A), id(Bt)}
     if bad:
-        raise ValueError("find_pairs: LoRA factors that do not form a pair A (m, r), Bᵀ (r, n) (unpaired, "
-                         "grouped, per-expert, shared, or not PEFT's Linear/Embedding/Conv layout): " + "; ".join(bad))
+        raise ValueError("find_pairs: LoRA factors that make no pair A (m, r), Bᵀ (r, n) (unpaired, grouped, "
+                         "per-expert, shared, or not PEFT's Linear/Embedding/Conv layout): " + "; ".join(bad))
     return pairs
 
 
 def create_reflora_optimizer(model, method="reflora", lr=1e-3, weight_decay=0.0, **kwargs):
-    """RefLoRA over a whole model, like PEFT's create_loraplus_optimizer: every LoRA pair of find_pairs refactored,
-    every other trainable parameter (DoRA magnitudes, LoRA biases, heads, modules_to_save, the trainable half of a
-    half-frozen pair) stepped by the base rule, 1-D ones (biases, norms, magnitudes) without weight decay.
-    kwargs: the other RefLoRA arguments (base, betas, eps, warmup, interval, compile)."""
+    """RefLoRA over a whole model, in the shape of PEFT's create_loraplus_optimizer: the LoRA pairs of find_pairs
+    refactored; every other trainable parameter (DoRA magnitudes, LoRA biases, heads, modules_to_save, the
+    trainable half of a half-frozen pair) stepped by the base rule, 1-D ones (biases, norms, magnitudes) without
+    weight decay. kwargs: RefLoRA's (base, betas, eps, warmup, interval, compile)."""
     pairs = find_pairs(model)
     paired = {id(p) for A, B, _ in pairs for p in (A, B)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in paired]
@@ -298,18 +296,15 @@ def create_reflora_optimizer(model, method="reflora", lr=1e-3, weight_decay=0.0,
 class RefLoRA(torch.optim.Optimizer):
     """RefLoRA / RefLoRA-S on top of AdamW or gradient descent.
 
-    pairs: iterable of LoRA (A, B) parameters, A (m, r), B (n, r), or (A, Bᵀ, True) with B stored transposed as
-    (r, n) (PEFT's lora_A.weight; stepped through `.mT` views, no copies; conv factors through matrix views): see
-    find_pairs. params: other trainable parameters (a head), updated by the base rule only (tensors or param-group
-    dicts; plain tensors and group dicts may stand in `pairs` too). lora: more pairs, whose tensors may also be
-    listed in those groups: they are taken out there and keep their group's options (weight decay). That is how
-    Hugging Face's Trainer calls it: `RefLoRA(grouped_params, lora=find_pairs(model), **kwargs)`; or see
-    create_reflora_optimizer(model) for a whole model.
+    pairs: iterable of LoRA (A, B) parameters, A (m, r), B (n, r), or (A, Bᵀ, True) with B stored transposed
+    (PEFT's lora_A; stepped through views, no copies): see find_pairs. params: other trainable parameters (a
+    head), stepped by the base rule only: tensors or param-group dicts (which may stand in `pairs` too). lora:
+    pairs to take out of those groups, each keeping its group's options: Trainer's call, `RefLoRA(groups,
+    lora=find_pairs(model), **kwargs)`. For a whole model: create_reflora_optimizer(model).
     Refactoring starts after `warmup` steps and happens every `interval` steps, with the authors' schedule:
     RefLoRA preconditions steps warmup+1, warmup+1+interval, ...; RefLoRA-S rescales after steps warmup,
-    warmup+interval, ... (with warmup=0 that includes step 0: the first step() balances the factors, and the
-    gradients with them, before its base step; the constructor and load_state_dict never touch the weights).
-    load_state_dict refuses a state saved with another method, base, warmup or interval.
+    warmup+interval, ... (warmup=0: also before the first base step, in the first step(); neither the constructor
+    nor load_state_dict touches the weights, and load_state_dict refuses another method, base, warmup, interval).
 
     stats(): what the last refactoring did, as Python floats (the only host sync; {} before the first one):
     exact / fallback / alone = pairs refactored by Thm 3's S̃, by the scalar s·I (rank-deficient Grams), left
@@ -331,17 +326,15 @@ class RefLoRA(torch.optim.Optimizer):
             raise ValueError(f"RefLoRA: method={method!r} but no LoRA pairs given (pass lora=find_pairs(model) "
                              "beside the parameter groups, or use create_reflora_optimizer(model))")
         tensors = [x for x in items if isinstance(x, torch.Tensor)]
-        others = [{**g, "params": [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])}
-                  for g in items if isinstance(g, dict)] + ([{"params": tensors}] if tensors else [])
-        # the `lora` pairs out of the groups; each pair keeps the options of the group that holds its A
-        home = {id(p): i for i, g in enumerate(others) for p in g["params"]}
-        taken = {id(p) for A, B, _ in lora for p in (A, B)}
-        by_home = {}
+        others = [{**g, "params": list(g["params"])} for g in items if isinstance(g, dict)]
+        others += [{"params": tensors}] if tensors else []
+        # the `lora` pairs out of those groups, into LoRA groups with the options of the group holding their A
+        home, by_home = {id(p): i for i, g in enumerate(others) for p in g["params"]}, {}
         for A, B, t in lora:
             by_home.setdefault(home.get(id(A)), []).append((A, B, t))
-        lora_group = lambda ps, i: {**({} if i is None else others[i]), "lora": True, "transposed": [t for *_, t in ps],
-                                    "params": [p for A, B, _ in ps for p in (A, B)]}
-        groups = ([lora_group(given, None)] if given else []) + [lora_group(ps, i) for i, ps in by_home.items()]
+        taken = {id(p) for A, B, _ in lora for p in (A, B)}
+        groups = [{**({} if i is None else others[i]), "params": [p for A, B, _ in ps for p in (A, B)], "lora": True,
+                   "transposed": [t for *_, t in ps]} for i, ps in [(None, given)] * bool(given) + [*by_home.items()]]
         groups += [{**g, "params": [p for p in g["params"] if id(p) not in taken], "lora": False} for g in others]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
@@ -423,19 +416,6 @@ class RefLoRA(torch.optim.Optimizer):
             # FSDP2: in place on this rank's rows, norms summed over the ranks
             self._last.append(self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0])))
 
-    @torch.no_grad()
-    def _balance_first(self):
-        """RefLoRA-S's initial balance (the authors' call at construction), at the first step() so that building an
-        optimizer and loading its state never moves the weights. The gradients were taken at (A, B): they move
-        into the new coordinates with the factors."""
-        self._refactor_after_step()
-        for pairs, st in zip(self._buckets(need_grads=False), self._last):
-            for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0)):  # s per pair; NaN: left alone (s = 1)
-                # Thm 4: Ã = √s A, B̃ = B/√s, so ∇Ã = ∇A/√s, ∇B̃ = √s ∇B
-                for p, f in ((A, s.rsqrt()), (B, s.sqrt())):
-                    if p.grad is not None:
-                        local(p.grad).mul_(f.to(p.grad.dtype))
-
     def _init_state(self, p):
         # torch.optim.AdamW's state layout (step on the parameter's device for the fused kernel)
         step = torch.zeros((), dtype=torch.float32, device=p.device if self._fused(p) else "cpu")
@@ -467,7 +447,14 @@ class RefLoRA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.method == "reflora-s" and self.steps == 0 and self._due(0):
-            self._balance_first()
+            # the authors' initial balance (their constructor's), here so that a restored optimizer never moves
+            # the weights; the gradients, taken at (A, B), follow the factors. Thm 4: ∇Ã = ∇A/√s, ∇B̃ = √s ∇B
+            self._refactor_after_step()
+            for pairs, st in zip(self._buckets(need_grads=False), self._last):
+                for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0)):  # s per pair (NaN: left alone, s = 1)
+                    for p, f in ((A, s.rsqrt()), (B, s.sqrt())):
+                        if p.grad is not None:
+                            local(p.grad).mul_(f.to(p.grad.dtype))
         # RefLoRA (Thm 3): precondition ∇A by S̃⁻¹ and ∇B by S̃, then take the base step
         if self.method == "reflora" and self._due(self.steps):
             self._refactor_before_step()
@@ -517,8 +504,8 @@ class RefLoRA(torch.optim.Optimizer):
                                  f"optimizer has {k}={getattr(self, k)!r}")
         super().load_state_dict(state_dict)
         self.steps = meta["steps"]
-        # torch moves `step` to the parameter's device only in groups flagged fused or capturable (not ours): put
-        # it where step()'s kernel reads it (the fused kernel: on the device; foreach: on the CPU), as _init_state
+        # torch moves `step` to the parameter's device only in fused or capturable groups: put it where step()'s
+        # kernel reads it (fused: on the device; foreach: on the CPU), as _init_state does
         for p, st in self.state.items():
             if "step" in st:
                 st["step"] = st["step"].to(p.device if self._fused(p) else "cpu")
