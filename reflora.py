@@ -254,10 +254,9 @@ def find_pairs(module):
                 if any(p.requires_grad for d in (dA, dB) if isinstance(d, torch.nn.Module) for p in d.parameters()):
                     bad.append(f"{name}.{a} ({type(dA).__name__})")  # e.g. AdaLoRA's ParameterDicts
                 continue
-            w = lambda d, k: None if k not in d else d[k] if kind is torch.nn.ParameterDict else \
-                getattr(d[k], "weight", None)
+            get = (lambda d, k: d[k]) if kind is torch.nn.ParameterDict else lambda d, k: getattr(d[k], "weight", None)
             for k in dict.fromkeys([*dA, *dB]):
-                A, Bt = w(dB, k), w(dA, k)
+                A, Bt = (get(d, k) if k in d else None for d in (dB, dA))
                 if not any(p is not None and p.requires_grad for p in (A, Bt)):
                     continue  # a frozen adapter
                 try:
@@ -333,8 +332,9 @@ class RefLoRA(torch.optim.Optimizer):
         for A, B, t in lora:
             by_home.setdefault(home.get(id(A)), []).append((A, B, t))
         taken = {id(p) for A, B, _ in lora for p in (A, B)}
+        lora_groups = ([(None, given)] if given else []) + list(by_home.items())
         groups = [{**({} if i is None else others[i]), "params": [p for A, B, _ in ps for p in (A, B)], "lora": True,
-                   "transposed": [t for *_, t in ps]} for i, ps in [(None, given)] * bool(given) + [*by_home.items()]]
+                   "transposed": [t for *_, t in ps]} for i, ps in lora_groups]
         groups += [{**g, "params": [p for p in g["params"] if id(p) not in taken], "lora": False} for g in others]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
@@ -451,7 +451,7 @@ class RefLoRA(torch.optim.Optimizer):
             # the weights; the gradients, taken at (A, B), follow the factors. Thm 4: ∇Ã = ∇A/√s, ∇B̃ = √s ∇B
             self._refactor_after_step()
             for pairs, st in zip(self._buckets(need_grads=False), self._last):
-                for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0)):  # s per pair (NaN: left alone, s = 1)
+                for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0)):  # s per pair (_stats; NaN: s = 1)
                     for p, f in ((A, s.rsqrt()), (B, s.sqrt())):
                         if p.grad is not None:
                             local(p.grad).mul_(f.to(p.grad.dtype))

@@ -252,7 +252,8 @@ def test_find_pairs_names_what_it_cannot_pair():
             self.lora_A = nn.ParameterDict({"default": nn.Parameter(torch.ones(2, 4))})
             self.lora_B = nn.ParameterDict({"default": nn.Parameter(torch.ones(4, 2))})
     m = nn.ModuleDict(dict(ok=Linear(4, 4, 2), grouped=Conv2d(4, 4, 2, groups=2), experts=Experts(4, 4, 4),
-                           ada=AdaLoRA(), unpaired=Linear(4, 4, 2), tied=Linear(4, 4, 2), frozen=Conv2d(4, 4, 2, groups=2)))
+                           ada=AdaLoRA(), unpaired=Linear(4, 4, 2), tied=Linear(4, 4, 2),
+                           frozen=Conv2d(4, 4, 2, groups=2)))
     del m["unpaired"].lora_B["default"]  # a lora_A without its lora_B
     m["tied"].lora_A["default"] = m["ok"].lora_A["default"]  # one factor in two pairs
     m["frozen"].requires_grad_(False)  # frozen: nothing to step, not an error
@@ -415,7 +416,8 @@ def test_wheel_installs_reflora_alone(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     clean = tmp_path / "clean"
     clean.mkdir()
-    code = "import reflora, torch; print(reflora.__file__); reflora.create_reflora_optimizer(torch.nn.Linear(2, 2), method='lora')"
+    code = ("import reflora, torch; print(reflora.__file__); "
+            "reflora.create_reflora_optimizer(torch.nn.Linear(2, 2), method='lora')")
     r = subprocess.run([sys.executable, "-c", code], cwd=clean, capture_output=True, text=True,
                        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
