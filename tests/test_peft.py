@@ -390,6 +390,7 @@ def test_step_tensors_land_where_the_kernel_reads_them(monkeypatch):
 
 
 def test_wheel_installs_reflora_alone(tmp_path):
+    pytest.importorskip("pip")
     pytest.importorskip("setuptools")
     try:
         from setuptools.command.bdist_wheel import bdist_wheel  # noqa: F401  (setuptools >= 70.1)
