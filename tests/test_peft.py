@@ -4,6 +4,7 @@ Trainer calls it, no silent state changes, and the wheel."""
 import copy
 import functools
 import io
+import re
 import subprocess
 import sys
 import zipfile
@@ -390,12 +391,6 @@ def test_step_tensors_land_where_the_kernel_reads_them(monkeypatch):
 
 
 def test_wheel_installs_reflora_alone(tmp_path):
-    pytest.importorskip("pip")
-    pytest.importorskip("setuptools")
-    try:
-        from setuptools.command.bdist_wheel import bdist_wheel  # noqa: F401  (setuptools >= 70.1)
-    except ImportError:
-        pytest.importorskip("wheel")
     ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                         capture_output=True, text=True)
     if ls.returncode:
@@ -407,6 +402,9 @@ def test_wheel_installs_reflora_alone(tmp_path):
             (src / f).write_bytes((ROOT / f).read_bytes())
     run = lambda *a, **kw: subprocess.run([sys.executable, "-m", "pip", *a], capture_output=True, text=True, **kw)
     r = run("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src))
+    if r.returncode and re.search(r"No module named '?(pip|setuptools|wheel)|invalid command 'bdist_wheel'",
+                                  r.stdout + r.stderr):
+        pytest.skip("no pip, setuptools or wheel here to build with")
     assert r.returncode == 0, r.stdout + r.stderr
     whl, = (tmp_path / "dist").glob("reflora-*.whl")
     names = zipfile.ZipFile(whl).namelist()
