@@ -18,6 +18,8 @@ Degenerate factors (a zero factor, as with the default LoRA init A = 0; rank-def
 a defined case: a pair whose Gram matrices are numerically singular falls back to Thm 4's scalar S = s·I, and a
 pair with a zero or non-finite factor is left as it is (S = I). So `warmup=0` is safe; no NaN, no exception.
 """
+import math
+
 import torch
 from torch.optim.adamw import adamw
 
@@ -230,10 +232,6 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _locals(ts):
-    return [local(t) for t in ts]
-
-
 def _shard_sum(t):
     """-> the sum over the shards of t's mesh, as a function (funcol: traceable by torch.compile), or None."""
     if not hasattr(t, "device_mesh"):
@@ -243,34 +241,97 @@ def _shard_sum(t):
     return lambda x: all_reduce(x, "sum", group)
 
 
+def _mat(x, t=False):
+    """x as the matrix it stands for, a view (no copy): conv factors (r, in, kh, kw) -> (r, in·kh·kw), (out, r, 1, 1)
+    -> (out, r); `.mT` of it for a B stored transposed (t)."""
+    x = x if x.dim() == 2 else x.view(x.shape[0], -1)
+    return x.mT if t else x
+
+
+def _pair(x):
+    """(A, B[, t]) -> (A, B, t), checked: A (m, r[, 1, 1]), B (n, r) or, with t, Bᵀ (r, n[, kh, kw])."""
+    A, B, t = x[0], x[1], bool(x[2]) if len(x) > 2 else False
+    if not (A.dim() >= 2 and math.prod(A.shape[2:]) == 1 and (B.dim() >= 2 if t else B.dim() == 2)
+            and A.shape[1] == B.shape[0 if t else 1] and all(p.dim() == 2 or p.is_contiguous() for p in (A, B))):
+        raise ValueError(f"RefLoRA: a pair must be A (m, r), B (n, r) (or Bᵀ (r, n) flagged True; conv: contiguous "
+                         f"A (m, r, 1, 1), Bᵀ (r, in, kh, kw)), got {tuple(A.shape)}, {tuple(B.shape)}")
+    return A, B, t
+
+
 def find_pairs(module):
     """The trainable LoRA pairs of a module tree, in the form RefLoRA(pairs, ...) takes.
 
-    This project's LoRALinear (parameters A (out, r), B (in, r)) gives (A, B); a PEFT-style layer (ModuleDicts
-    lora_A[name] / lora_B[name] whose .weight are (r, in) = Bᵀ and (out, r) = A) gives (lora_B.weight,
-    lora_A.weight, True) per adapter name: B is stepped transposed, through .mT views of the parameter, its
-    gradient and its moments. Pairs with a frozen factor (requires_grad False) are left out.
+    This project's LoRALinear (A (out, r), B (in, r)) gives (A, B). PEFT's layers give (A, Bᵀ, True) per adapter:
+    Linear and Conv1D (lora_B[k].weight (out, r) = A, lora_A[k].weight (r, in) = Bᵀ), Embedding (lora_embedding_B[k]
+    (dim, r) = A, lora_embedding_A[k] (r, num_embeddings) = Bᵀ), Conv (lora_B[k].weight (out, r, 1, 1) and
+    lora_A[k].weight (r, in, kh, kw): the unfolded pair). They are stepped through views (`.mT`, and _mat for conv)
+    of the parameter, its gradient and its moments. A pair with a frozen factor is left out (its trainable half
+    is a plain parameter: see create_reflora_optimizer). LoRA factors that make no such pair (a missing half,
+    grouped conv, PEFT's per-expert blocks, a factor shared by two pairs, AdaLoRA) raise one ValueError naming all.
     """
-    pairs = []
-    for mod in module.modules():
-        lA, lB = getattr(mod, "lora_A", None), getattr(mod, "lora_B", None)
-        if isinstance(lA, torch.nn.ModuleDict) and isinstance(lB, torch.nn.ModuleDict):
-            pairs += [(lB[k].weight, lA[k].weight, True) for k in lA if k in lB]
-        elif all(isinstance(getattr(mod, k, None), torch.nn.Parameter) for k in ("A", "B")):
-            if mod.A.dim() == 2 and mod.B.dim() == 2 and mod.A.shape[1] == mod.B.shape[1]:
-                pairs.append((mod.A, mod.B, False))
-    return [(A, B, t) for A, B, t in pairs if A.requires_grad and B.requires_grad]
+    pairs, bad, seen = [], [], set()
+    for name, mod in module.named_modules():
+        A, B = getattr(mod, "A", None), getattr(mod, "B", None)  # LoRALinear
+        if isinstance(A, torch.nn.Parameter) and isinstance(B, torch.nn.Parameter) and A.dim() == B.dim() == 2 \
+                and A.shape[1] == B.shape[1] and A.requires_grad and B.requires_grad:
+            pairs.append((A, B, False))
+        for a, b, kind in (("lora_A", "lora_B", torch.nn.ModuleDict),
+                           ("lora_embedding_A", "lora_embedding_B", torch.nn.ParameterDict)):
+            dA, dB = getattr(mod, a, None), getattr(mod, b, None)
+            if not (isinstance(dA, kind) and isinstance(dB, kind)):
+                if any(p.requires_grad for d in (dA, dB) if isinstance(d, torch.nn.Module) for p in d.parameters()):
+                    bad.append(f"{name}.{a} ({type(dA).__name__})")  # e.g. AdaLoRA's ParameterDicts
+                continue
+            get = (lambda d, k: d[k]) if kind is torch.nn.ParameterDict else lambda d, k: getattr(d[k], "weight", None)
+            for k in dict.fromkeys([*dA, *dB]):
+                A, Bt = (get(d, k) if k in d else None for d in (dB, dA))
+                if not any(p is not None and p.requires_grad for p in (A, Bt)):
+                    continue  # a frozen adapter
+                try:
+                    ok = getattr(mod, "num_experts", 1) == 1 and not {id(A), id(Bt)} & seen and _pair((A, Bt, True))
+                except (AttributeError, ValueError):
+                    ok = False
+                if not ok:
+                    bad.append(f"{name}.{a}.{k} " + "/".join(str(tuple(p.shape)) if p is not None else "missing"
+                                                              for p in (Bt, A)))
+                elif A.requires_grad and Bt.requires_grad:
+                    pairs.append((A, Bt, True))
+                seen |= {id(A), id(Bt)}
+    if bad:
+        raise ValueError("find_pairs: LoRA factors that make no pair A (m, r), Bᵀ (r, n) (unpaired, grouped, "
+                         "per-expert, shared, or not PEFT's Linear/Embedding/Conv layout): " + "; ".join(bad))
+    return pairs
+
+
+def create_reflora_optimizer(model, method="reflora", lr=1e-3, weight_decay=0.0, **kwargs):
+    """RefLoRA over a whole model, in the shape of PEFT's create_loraplus_optimizer: the LoRA pairs of find_pairs
+    refactored; every other trainable parameter (DoRA magnitudes, LoRA biases, heads, modules_to_save, the
+    trainable half of a half-frozen pair) stepped by the base rule, 1-D ones (biases, norms, magnitudes) without
+    weight decay. kwargs: RefLoRA's (base, betas, eps, warmup, interval, compile)."""
+    pairs = find_pairs(model)
+    paired = {id(p) for A, B, _ in pairs for p in (A, B)}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in paired]
+    groups = [{"params": [p for p in others if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in others if p.dim() < 2], "weight_decay": 0.0}]
+    opt = RefLoRA(pairs, [g for g in groups if g["params"]], method=method, lr=lr, weight_decay=weight_decay, **kwargs)
+    stepped = {id(p) for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in stepped]
+    assert not missing, f"create_reflora_optimizer: trainable parameters left out: {', '.join(missing)}"
+    return opt
 
 
 class RefLoRA(torch.optim.Optimizer):
     """RefLoRA / RefLoRA-S on top of AdamW or gradient descent.
 
-    pairs: iterable of LoRA (A, B) parameters, A (m, r), B (n, r), or (A, Bᵀ, True) with B stored transposed as
-    (r, n) (PEFT's lora_A.weight; stepped through `.mT` views, no copies): see find_pairs. params: other
-    trainable parameters (a head), updated by the base rule only (a list of tensors or of param-group dicts).
+    pairs: iterable of LoRA (A, B) parameters, A (m, r), B (n, r), or (A, Bᵀ, True) with B stored transposed
+    (PEFT's lora_A; stepped through views, no copies): see find_pairs. params: other trainable parameters (a
+    head), stepped by the base rule only: tensors or param-group dicts (which may stand in `pairs` too). lora:
+    pairs to take out of those groups, each keeping its group's options: Trainer's call, `RefLoRA(groups,
+    lora=find_pairs(model), **kwargs)`. For a whole model: create_reflora_optimizer(model).
     Refactoring starts after `warmup` steps and happens every `interval` steps, with the authors' schedule:
     RefLoRA preconditions steps warmup+1, warmup+1+interval, ...; RefLoRA-S rescales after steps warmup,
-    warmup+interval, ... (with warmup=0 that includes step 0: the factors are balanced before the first step).
+    warmup+interval, ... (warmup=0: also before the first base step, in the first step(); neither the constructor
+    nor load_state_dict touches the weights, and load_state_dict refuses another method, base, warmup, interval).
 
     stats(): what the last refactoring did, as Python floats (the only host sync; {} before the first one):
     exact / fallback / alone = pairs refactored by Thm 3's S̃, by the scalar s·I (rank-deficient Grams), left
@@ -278,7 +339,7 @@ class RefLoRA(torch.optim.Optimizer):
     (RefLoRA-S: | ‖Ã‖² - ‖B̃‖² | / ‖Ã‖²); s_median, s_min, s_max = Thm 4's s = ‖B‖/‖A‖ over refactored pairs.
     """
 
-    def __init__(self, pairs, params=(), *, method="reflora", base="adamw", lr=1e-3, betas=(0.9, 0.999),
+    def __init__(self, pairs, params=(), *, lora=(), method="reflora", base="adamw", lr=1e-3, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0.0, warmup=0, interval=1, compile=None):
         if method not in METHODS:
             raise ValueError(f"RefLoRA: method must be one of {METHODS}, got {method!r}")
@@ -286,19 +347,23 @@ class RefLoRA(torch.optim.Optimizer):
             raise ValueError(f"RefLoRA: base must be one of {BASES}, got {base!r}")
         if warmup < 0 or interval < 1:
             raise ValueError(f"RefLoRA: need warmup >= 0 and interval >= 1, got {warmup}, {interval}")
-        pairs = [(p[0], p[1], bool(p[2]) if len(p) > 2 else False) for p in pairs]
-        for A, B, t in pairs:
-            Bv = B.mT if t and B.dim() == 2 else B
-            if A.dim() != 2 or Bv.dim() != 2 or A.shape[1] != Bv.shape[1]:
-                raise ValueError(f"RefLoRA: a pair must be A (m, r), B (n, r) (or Bᵀ (r, n) flagged True), "
-                                 f"got {tuple(A.shape)}, {tuple(B.shape)}")
-        params = list(params)
-        groups = [{"params": [p for A, B, _ in pairs for p in (A, B)], "lora": True,
-                   "transposed": [t for *_, t in pairs]}] if pairs else []
-        if params and isinstance(params[0], dict):
-            groups += [{**g, "lora": False} for g in params]
-        elif params:
-            groups.append({"params": params, "lora": False})
+        items = [*pairs, *params]
+        given, lora = [_pair(x) for x in items if isinstance(x, (tuple, list))], [_pair(x) for x in lora]
+        if method != "lora" and not given + lora:
+            raise ValueError(f"RefLoRA: method={method!r} but no LoRA pairs given (pass lora=find_pairs(model) "
+                             "beside the parameter groups, or use create_reflora_optimizer(model))")
+        tensors = [x for x in items if isinstance(x, torch.Tensor)]
+        others = [{**g, "params": list(g["params"])} for g in items if isinstance(g, dict)]
+        others += [{"params": tensors}] if tensors else []
+        # the `lora` pairs out of those groups, into LoRA groups with the options of the group holding their A
+        home, by_home = {id(p): i for i, g in enumerate(others) for p in g["params"]}, {}
+        for A, B, t in lora:
+            by_home.setdefault(home.get(id(A)), []).append((A, B, t))
+        taken = {id(p) for A, B, _ in lora for p in (A, B)}
+        lora_groups = ([(None, given)] if given else []) + list(by_home.items())
+        groups = [{**({} if i is None else others[i]), "params": [p for A, B, _ in ps for p in (A, B)], "lora": True,
+                   "transposed": [t for *_, t in ps]} for i, ps in lora_groups]
+        groups += [{**g, "params": [p for p in g["params"] if id(p) not in taken], "lora": False} for g in others]
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
         self.method, self.base, self.warmup, self.interval = method, base, warmup, interval
@@ -311,8 +376,6 @@ class RefLoRA(torch.optim.Optimizer):
         self._precondition, self._rescale = fn(precondition), fn(rescale)
         self._floors = {}  # per bucket: floors(As, Bs) on the device
         self._last = []  # per bucket: the (4 + k,) statistics tensor of the last refactoring (on the device)
-        if method == "reflora-s" and warmup == 0:
-            self._refactor_after_step()  # balance once before the first step (the authors' initial call)
 
     # the refactoring schedule, from the number of steps taken (see the class docstring)
     def _due(self, t):
@@ -345,15 +408,16 @@ class RefLoRA(torch.optim.Optimizer):
     def _refactor_before_step(self):
         self._last = []
         for pairs in self._buckets(need_grads=True):
-            As = _locals(A for A, _, _ in pairs)
-            Bs = [local(B).mT if t else local(B) for _, B, t in pairs]
-            gAs = _locals(A.grad for A, _, _ in pairs)
-            gBs = [local(B.grad).mT if t else local(B.grad) for _, B, t in pairs]
+            As = [_mat(local(A)) for A, _, _ in pairs]
+            Bs = [_mat(local(B), t) for _, B, t in pairs]
+            gAs = [_mat(local(A.grad)) for A, _, _ in pairs]
+            gBs = [_mat(local(B.grad), t) for _, B, t in pairs]
             # FSDP2: this rank's rows, with the Grams summed over the ranks
             gAs, gBs, st = self._precondition(As, Bs, gAs, gBs, self._floor(pairs), _shard_sum(pairs[0][0]))
             self._last.append(st)
             for (A, B, t), gA, gB in zip(pairs, gAs, gBs):
                 for p, g in ((A, gA), (B, gB.mT if t else gB)):
+                    g = g.reshape(local(p.grad).shape)  # a conv factor's shape
                     if hasattr(p.grad, "to_local"):
                         p.grad.to_local().copy_(g)  # a DTensor gradient keeps its sharding
                     else:
@@ -371,12 +435,12 @@ class RefLoRA(torch.optim.Optimizer):
                     for p in (A, B):
                         if p not in self.state:
                             self.state[p] = self._init_state(p)
-                view = lambda ps, k: [local(self.state[p][k]).mT if t else local(self.state[p][k]) for p, t in ps]
+                view = lambda ps, k: [_mat(local(self.state[p][k]), t) for p, t in ps]
                 As_, Bs_ = [(A, False) for A, _, _ in pairs], [(B, t) for _, B, t in pairs]
                 moments = (view(As_, "exp_avg"), view(As_, "exp_avg_sq"), view(Bs_, "exp_avg"),
                            view(Bs_, "exp_avg_sq"))
-            As = _locals(A for A, _, _ in pairs)
-            Bs = [local(B).mT if t else local(B) for _, B, t in pairs]
+            As = [_mat(local(A)) for A, _, _ in pairs]
+            Bs = [_mat(local(B), t) for _, B, t in pairs]
             # FSDP2: in place on this rank's rows, norms summed over the ranks
             self._last.append(self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0])))
 
@@ -410,6 +474,15 @@ class RefLoRA(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.method == "reflora-s" and self.steps == 0 and self._due(0):
+            # the authors' initial balance (their constructor's), here so that a restored optimizer never moves
+            # the weights; the gradients, taken at (A, B), follow the factors. Thm 4: ∇Ã = ∇A/√s, ∇B̃ = √s ∇B
+            self._refactor_after_step()
+            for pairs, st in zip(self._buckets(need_grads=False), self._last):
+                for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0)):  # s per pair (_stats; NaN: s = 1)
+                    for p, f in ((A, s.rsqrt()), (B, s.sqrt())):
+                        if p.grad is not None:
+                            local(p.grad).mul_(f.to(p.grad.dtype))
         # RefLoRA (Thm 3): precondition ∇A by S̃⁻¹ and ∇B by S̃, then take the base step
         if self.method == "reflora" and self._due(self.steps):
             self._refactor_before_step()
@@ -453,5 +526,14 @@ class RefLoRA(torch.optim.Optimizer):
         meta = state_dict.pop("reflora", None)
         if meta is None:
             raise ValueError("RefLoRA.load_state_dict: no 'reflora' entry (not a RefLoRA state_dict)")
+        for k in ("method", "base", "warmup", "interval"):
+            if k in meta and meta[k] != getattr(self, k):
+                raise ValueError(f"RefLoRA.load_state_dict: the state was saved with {k}={meta[k]!r}, this "
+                                 f"optimizer has {k}={getattr(self, k)!r}")
         super().load_state_dict(state_dict)
         self.steps = meta["steps"]
+        # torch moves `step` to the parameter's device only in fused or capturable groups: put it where step()'s
+        # kernel reads it (fused: on the device; foreach: on the CPU), as _init_state does
+        for p, st in self.state.items():
+            if "step" in st:
+                st["step"] = st["step"].to(p.device if self._fused(p) else "cpu")

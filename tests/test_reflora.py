@@ -79,7 +79,10 @@ def test_theorem4_scalar_balances_and_minimizes():
         assert f(c) >= f(s) - 1e-12
     # the optimizer's RefLoRA-S balances the norms of each pair in place
     A, B = torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone())
-    RefLoRA([(A, B)], method="reflora-s", base="sgd")  # warmup=0: balanced before the first step
+    A0 = A.detach().clone()
+    opt = RefLoRA([(A, B)], method="reflora-s", base="sgd", interval=1000)  # warmup=0: balanced at the first step
+    assert torch.equal(A, A0)  # not by the constructor
+    opt.step()  # (no gradients: the base step moves nothing)
     assert abs(A.norm() - B.norm()) < 1e-12
 
 # -----------------------------------------------------------------------------
@@ -311,8 +314,8 @@ def test_schedule_matches_warmup_and_interval():
             opt.step()
         if method == "reflora":  # counted before the step: steps taken so far
             assert calls == [t for t in range(10) if t >= warmup and (t - warmup) % interval == 0]
-        else:  # counted after the step
-            assert calls == [t for t in range(1, 11) if t >= warmup and (t - warmup) % interval == 0]
+        else:  # counted after the step (and with warmup=0 the initial balance, at the first step, before it)
+            assert calls == [t for t in range(11) if t >= warmup and (t - warmup) % interval == 0]
 
 
 def test_bad_arguments_raise():
@@ -505,9 +508,11 @@ def test_stats_count_pairs_residual_and_s():
         pairs = [tuple(torch.nn.Parameter(t.clone()) for t in ab) for ab in good + [rank1, zero]]
         s_ref = [optimal_s(A, B).item() for A, B in pairs[:3]]  # the refactored pairs, before any step
         # lr = 0: the factors stay as they are (A = 0 stays zero) between the refactorings
-        opt = RefLoRA(pairs, method=method, lr=0.0, warmup=1 if method == "reflora" else 0)
-        if method == "reflora":
-            assert opt.stats() == {}  # nothing refactored yet
+        opt = RefLoRA(pairs, method=method, lr=0.0, warmup=1 if method == "reflora" else 0, interval=2)
+        assert opt.stats() == {}  # nothing refactored yet
+        if method == "reflora-s":
+            opt.step()  # the initial balance, at the first step
+        else:
             for A, B in pairs:
                 A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
             opt.step()  # step 0: warmup, no refactoring
