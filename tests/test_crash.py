@@ -72,8 +72,8 @@ def test_save_killed_at_every_step_once_and_twice(run, tmp_path, monkeypatch):
         def f(*a, **k):
             calls.append(name)
             if len(calls) == crash_at[0]:
-                if write:
-                    Path(a[1]).write_bytes(b"half-written")
+                if write:  # a path, or (torch.save) the open file
+                    a[1].write(b"half-written") if hasattr(a[1], "write") else Path(a[1]).write_bytes(b"half-written")
                 raise Crash(name)
             return fn(*a, **k)
         return f
@@ -138,7 +138,7 @@ def dying(*a, **k):
     count[0] += 1
     if count[0] == int(n):
         if name == "torch.save":
-            open(a[1], "wb").write(b"half")
+            (a[1] if hasattr(a[1], "write") else open(a[1], "wb")).write(b"half")
         os._exit(9)
     return real(*a, **k)
 setattr(torch if name == "torch.save" else os, name.split(".")[-1], dying)
