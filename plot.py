@@ -10,6 +10,7 @@ The x axis is optimizer steps: log.jsonl does not record the training-set size, 
 The reading and statistics below need numpy only; matplotlib is imported when a picture is drawn, and when it is
 missing loss_png returns None and the CLI exits 2 with one line.
 """
+import contextlib
 import json
 import os
 import sys
@@ -157,7 +158,8 @@ def _save(fig, plt, path):
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise OSError(f"{path}: cannot write it ({e.strerror})") from None
     finally:
         plt.close(fig)

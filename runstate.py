@@ -318,6 +318,8 @@ def read_head(out_dir, head):
     if {k: tuple(v.shape) for k, v in sd.items()} != want:
         got = {k: tuple(v.shape) for k, v in sd.items()}
         raise CheckpointError(f"{f}: tensors {got}, the head of this task needs {want} (another task's head?)")
+    if bad := nonfinite(sd):
+        raise CheckpointError(f"{f}: {bad} holds NaN or inf")
     head.load_state_dict(sd)
 
 
@@ -327,11 +329,11 @@ def trim_log(path, it):
     if not p.is_file():
         return
     keep = []
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
+        except (ValueError, RecursionError):
+            continue  # a line cut by a crash, or garbage
         if not (isinstance(rec, dict) and isinstance(rec.get("iter"), int) and rec["iter"] > it):
             keep.append(line)
     atomic_write(p, "".join(line + "\n" for line in keep))

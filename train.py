@@ -41,8 +41,8 @@ from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm,
 from evaluate import base_accuracy, evaluate_out_dir, evaluate_run, validate
 from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compute_dtype, flops_per_token, peak_flops
 from reflora import METHODS, RefLoRA, local
-from runstate import SIGNALS, Interrupted, TrainingDiverged, claim, resume_checkpoint, save_checkpoint, signal_handlers, \
-    start_run, training_state
+from runstate import SIGNALS, Interrupted, TrainingDiverged, claim, resume_checkpoint, save_checkpoint, \
+    signal_handlers, start_run, training_state
 from sample import MAX_BEAMS
 from weights import load_base
 

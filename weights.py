@@ -425,7 +425,7 @@ def save_adapter(model, out_dir, lora=None):
 
 
 def _adapter_config(f):
-    """adapter_config.json as a dict whose r, lora_alpha, lora_dropout we can use, else one line naming f and the key."""
+    """adapter_config.json as a dict with usable r, lora_alpha, lora_dropout, else one line naming f and the key."""
     cfg = _json(f)
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{f}: not a JSON object")
@@ -457,6 +457,10 @@ def load_adapter(model, adapter_dir):
         except (AttributeError, KeyError, TypeError):
             raise CheckpointError(f"{d / 'adapter_model.safetensors'}: unexpected key {k}") from None
         pairs.setdefault(name, {})[m.group(2)] = t
+    if (ranks := {p["A"].shape[0] for p in pairs.values() if "A" in p and p["A"].ndim == 2}) - {cfg["r"]}:
+        # the scale α/r would not be the one the adapter was trained with
+        raise CheckpointError(f"{d / 'adapter_config.json'}: r = {cfg['r']}, but its tensors have rank "
+                              f"{', '.join(map(str, sorted(ranks)))}")
     if not _lora_modules(model):
         targets = tuple(t for t in _HF_SHORT if any(n.endswith("." + t) for n in pairs))
         add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], targets)
@@ -468,9 +472,6 @@ def load_adapter(model, adapter_dir):
         if A.shape != m.A.shape or Bt.shape != m.B.T.shape:
             raise CheckpointError(f"{d}: {n}: lora_B, lora_A shapes {tuple(A.shape)}, {tuple(Bt.shape)} "
                                   f"!= {tuple(m.A.shape)}, {tuple(m.B.T.shape)}")
-        if Bt.shape[0] != cfg["r"]:  # the scale α/r would not be the one the adapter was trained with
-            raise CheckpointError(f"{d / 'adapter_config.json'}: r = {cfg['r']}, but its tensors have rank "
-                                  f"{Bt.shape[0]}")
         if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(Bt).all())):
             raise CheckpointError(f"{d / 'adapter_model.safetensors'}: the LoRA pair of {n} holds NaN or inf")
         m.A.copy_(_qk(n, A, model.args, to_hf=False))

@@ -359,3 +359,65 @@ def test_smollm2_real_model(tmp_path):
         tpl = json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
         assert "<|im_start|>" in tpl and tpl == pytest.importorskip("gguf").GGUFReader(g).fields[
             "tokenizer.chat_template"].contents()
+
+
+# a model config a Transformer cannot be built from, and weights with NaN or inf (issue 19): one line naming the file
+# and the key, before anything is allocated
+@pytest.mark.parametrize("layout, bad, match", [
+    ("hf", dict(max_position_embeddings=2 ** 40), "max_position_embeddings = 1,099,511,627,776"),
+    ("meta", dict(dim=-32), "params.json: dim = -32"),
+    ("meta", dict(n_heads=5, n_kv_heads=5), "n_heads = 5 must divide dim = 32"),
+    ("meta", dict(n_heads=8, n_kv_heads=8, dim=40), "heads of even size"),
+    ("meta", dict(n_layers=0), "n_layers = 0"),
+    ("meta", dict(norm_eps=0), "norm_eps = 0"),
+    ("meta", dict(rope_theta=float("inf")), "rope_theta = inf"),
+    ("meta", dict(max_seq_len=2 ** 40), "max_seq_len = 1,099,511,627,776"),
+    ("gguf", dict(max_seq_len=2 ** 31), "llama.context_length = 2,147,483,648"),
+    ("gguf", dict(n_heads=3), "llama.attention.head_count = 3")])
+def test_bad_model_config_one_line(tmp_path, layout, bad, match):
+    m = rand_model(dtype=torch.float32)
+    if layout == "hf":
+        d = write_hf(tmp_path / "hf", m)
+        (d / "config.json").write_text(json.dumps({**hf_config(m.args), **bad}))
+        f = d / "config.json"
+    elif layout == "meta":
+        d = write_meta(tmp_path / "meta", m, shards=1)
+        (d / "params.json").write_text(json.dumps({**json.loads((d / "params.json").read_text()), **bad}))
+        f = d / "params.json"
+    else:
+        for k, v in bad.items():
+            setattr(m.args, k, v)
+        d = f = write_gguf(tmp_path / "m.gguf", m)
+    one_line_error(W.CheckpointError, lambda: W.load_model(d), str(f), match)
+
+
+@pytest.mark.parametrize("layout, value", [("hf", float("nan")), ("meta", float("inf")), ("gguf", float("nan"))])
+def test_non_finite_weights_refused_at_load(tmp_path, layout, value):
+    m = rand_model(dtype=torch.float32)
+    with torch.no_grad():
+        m.layers[1].attention.wv.weight[2, 3] = value
+    d = {"hf": lambda: write_hf(tmp_path / "hf", m), "meta": lambda: write_meta(tmp_path / "meta", m, shards=1),
+         "gguf": lambda: write_gguf(tmp_path / "m.gguf", m)}[layout]()
+    key = {"hf": "model.layers.1.self_attn.v_proj.weight", "meta": "layers.1.attention.wv.weight",
+           "gguf": "blk.1.attn_v.weight"}[layout]
+    one_line_error(W.CheckpointError, lambda: W.load_model(d), str(d), f"{key} holds NaN or inf")
+
+
+def test_adapter_config_and_tensors_checked(tmp_path):
+    """adapter_config.json's r, lora_alpha, lora_dropout and the tensors' values, each one line naming the file."""
+    m = rand_model(dtype=torch.float32)
+    M.add_lora(m, 2, 4, 0.0, ("wq", "wv"))
+    W.save_adapter(m, tmp_path)
+    good = json.loads((tmp_path / "adapter_config.json").read_text())
+    for cfg, match in [({**good, "lora_alpha": 0}, "lora_alpha = 0"), ({**good, "r": 3}, "r = 3"),
+                       ({**good, "r": True}, "r = True"), ({k: v for k, v in good.items() if k != "r"}, "no r"),
+                       ({**good, "lora_dropout": 1.0}, "lora_dropout = 1.0"), ([good], "not a JSON object")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        one_line_error(W.CheckpointError, lambda: W.load_adapter(rand_model(dtype=torch.float32), tmp_path),
+                       "adapter_config.json", match)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good))
+    sd = W._tensors(tmp_path / "adapter_model.safetensors")
+    sd[next(iter(sd))][0, 0] = float("nan")
+    save_file(sd, tmp_path / "adapter_model.safetensors")
+    one_line_error(W.CheckpointError, lambda: W.load_adapter(rand_model(dtype=torch.float32), tmp_path),
+                   "adapter_model.safetensors", "holds NaN or inf")

@@ -13,6 +13,7 @@ accuracy + F1, STS-B Pearson + Spearman, others accuracy; `score` is their mean,
     python data/glue/prepare.py --src ../shared/data/glue [--tasks cola,rte] [--out data/glue]
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -134,9 +135,17 @@ def _rows(reader, path):
             return
         except csv.Error as e:
             raise ValueError(f"{path}:{reader.line_num}: {e} (a GLUE text is far shorter)") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{reader.line_num + 1}: not UTF-8 text ({e.reason})") from None
+        except UnicodeDecodeError as e:  # decoded by the block: find the line
+            n = next(n for n, ln in enumerate(Path(path).read_bytes().split(b"\n"), 1) if not _utf8(ln))
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
         yield row
+
+
+def _utf8(b):
+    try:
+        return b.decode("utf-8") is not None
+    except UnicodeDecodeError:
+        return False
 
 
 def glue_source(task, split, data_dir):
@@ -251,7 +260,8 @@ def _write_jsonl(records, path):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise OSError(f"{path}: cannot write it ({e.strerror})") from None
 
 
