@@ -127,7 +127,8 @@ def recover(out_dir, verified=False):
     with deferred_signals():
         if (new / MANIFEST).is_file():
             try:
-                verified or _verify(new, out)
+                if not verified:
+                    _verify(new, out)
             except CheckpointError as e:
                 print(f"{e}: discarded, {out} keeps its last checkpoint", file=sys.stderr, flush=True)
             else:
