@@ -273,7 +273,7 @@ def _train(r):
     r.fwd = _forward(r)
     r.log(f"training: {len(r.train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({r.world} × {r.accum} × "
           f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']}")
-    r.logf = _open_log(r.out_dir / "log.jsonl") if r.rank == 0 else None
+    r.logf = open(r.out_dir / "log.jsonl", "a") if r.rank == 0 else None
     lengths = [len(r.encode(r.tok, e, cfg["cutoff_len"])) for e in r.train_set] if cfg["group_by_length"] else None
     r.order = BatchOrder(len(r.train_set), cfg["batch_size"], cfg["seed"], lengths)
 
@@ -398,13 +398,6 @@ def _log_line(r, lr):
     _log_json(r, rec)
     r.loss_sum.zero_()
     r.t_log, r.it_log, r.tokens, r.flops = time.time(), r.it, 0, 0.0
-
-
-def _open_log(path):
-    try:
-        return open(path, "a")
-    except OSError as e:
-        raise OSError(f"{path}: cannot write it ({e.strerror})") from None
 
 
 def _log_json(r, rec):

@@ -456,16 +456,19 @@ case("data-glue-not-utf8", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out
          b"index\tsentence1\tsentence2\tlabel\n0\t\xff\xfe\tb\tentailment\n")), words=("train.tsv:2", "UTF-8"))
 case("data-glue-dev-empty", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out", "data_dir": d / "glue"}),
      glue_file("index\tsentence1\tsentence2\tlabel\n", "dev"), words=("dev.tsv", "no records"))
-for id, line, words in [("no-label", {"text_a": "a", "text_b": "b"}, "train.jsonl:1"),
+GOOD = "".join(json.dumps(dict(text_a=f"the number {i}", text_b=f"plus {i}", label=i % 2)) + "\n" for i in range(16))
+for id, line, words in [("no-label", {"text_a": "a", "text_b": "b"}, "train.jsonl:17"),
                         ("label-out-of-range", {"text_a": "a", "text_b": "b", "label": 7},
-                         ("train.jsonl:1", "label 7")),
-                        ("label-str", {"text_a": "a", "text_b": "b", "label": "0"}, "train.jsonl:1"),
-                        ("text-b-missing", {"text_a": "a", "text_b": None, "label": 0}, "train.jsonl:1"),
-                        ("text-not-str", {"text_a": 3, "text_b": "b", "label": 0}, "train.jsonl:1"),
-                        ("not-json", "{", "train.jsonl:1"), ("deep", DEEP, "train.jsonl:1")]:
+                         ("train.jsonl:17", "label 7")),
+                        ("label-str", {"text_a": "a", "text_b": "b", "label": "0"}, "train.jsonl:17"),
+                        ("text-b-missing", {"text_a": "a", "text_b": None, "label": 0}, "train.jsonl:17"),
+                        ("text-not-str", {"text_a": 3, "text_b": "b", "label": 0}, "train.jsonl:17"),
+                        ("not-json", "{", "train.jsonl:17"), ("deep", DEEP, "train.jsonl:17")]:
+    # prepare.py's JSONL (data_dir/rte/train.jsonl, read instead of RTE/train.tsv): 16 good records, then a bad one
     case(f"data-glue-prepared-{id}", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out", "data_dir": d / "glue"}),
          lambda d, R, line=line: (shutil.copytree(R["glue"], d / "glue"), (d / "glue" / "rte").mkdir(), (
-             d / "glue" / "rte" / "train.jsonl").write_text(line if isinstance(line, str) else json.dumps(line))),
+             d / "glue" / "rte" / "train.jsonl").write_text(GOOD + (line if isinstance(line, str) else
+                                                                    json.dumps(line)) + "\n")),
          words=words)
 
 # divergence: exit 1, the last good checkpoint named (the run writes: its out_dir starts empty and is not compared)
