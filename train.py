@@ -124,6 +124,7 @@ RULES = [((k,), lambda v, o=o: v in o, f"expected one of {', '.join(o)}") for k,
     (("num_beams",), lambda v: v <= MAX_BEAMS, f"at most {MAX_BEAMS} beams"),
     (("seed",), lambda v: -2 ** 63 <= v < 2 ** 63, "must be in [-2**63, 2**63) (a torch generator's seed)"),
     (("out_dir",), lambda v: v.strip() != "", "empty: name a directory (e.g. --out_dir=out)"),
+    (("init_from",), lambda v: v.strip() != "", "empty: a preset name or a checkpoint path"),
 ]
 # --resume=True: these may differ from the checkpoint's config and take effect (the lr schedule is rebuilt from
 # them); every other saved setting (model, tokenizer, LoRA, method, batch sizes, seed, task, data) must be equal

@@ -1,7 +1,9 @@
 """Bad input to train.py, table-driven (issue 12): CLI flags, config files, data files, checkpoints (state.pt,
 checkpoint.json), model files, PEFT adapters and GLUE heads. Every case runs train.main(argv) in-process on the tiny
 preset and must end with exit 2 (1 for divergence), exactly one line on stderr naming the flag or file, no traceback,
-and every file in out_dir unchanged (checksums before and after; a fresh out_dir is not even created)."""
+and every file in out_dir unchanged (checksums before and after; a fresh out_dir is not even created, nothing lands
+in the current directory). Issue 19 added out_dir, resume and eval consistency, damaged side files, odd models and
+data files too deep or too long."""
 import hashlib
 import json
 import os
@@ -394,6 +396,7 @@ INIT_M = lambda **kw: lambda R, d: flags(**{**R["lm"], "out_dir": d / "out", "in
                                             "tokenizer": "bytes", **kw})
 case("out-dir-empty", lambda R, d: flags(**{**R["lm"], "out_dir": ""}), words="--out_dir=")
 case("out-dir-blank", lambda R, d: flags(**{**R["lm"], "out_dir": "  "}), words="--out_dir=")
+case("init-from-empty", lm(init_from=""), words="--init_from=")
 case("seed-over-torch", lm(seed=2 ** 70), words=("--seed=", "2**63"))
 case("num-beams-unbounded", lm(num_beams=100000), words=("--num_beams=100000", "at most"))
 case("zero-steps", lm(max_iters=0, epochs=0), words=("--max_iters=0", "--epochs=0"))
