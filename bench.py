@@ -792,7 +792,7 @@ def main(argv=None):
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
         _fail(f"--device={args.device}: this torch ({torch.__version__}) sees no CUDA device")
     for k in ("json", "png"):
-        f = getattr(args, k)
+        f = getattr(args, k, "")
         if f and (os.path.isdir(f) or not os.path.isdir(os.path.dirname(os.path.abspath(f)))):
             _fail(f"--{k}={f}: expected a file path in an existing directory")
     if args.suite and args.device is None and not torch.cuda.is_available():
