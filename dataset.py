@@ -89,7 +89,8 @@ def load_data(cfg, data_dir, log):
     try:
         return _load_data(cfg, data_dir, log)
     except ValueError as e:
-        raise e if str(data_dir) in str(e) else ValueError(f"{data_dir}: {e}") from None
+        named = str(data_dir) in str(e) or cfg["data_path"] and cfg["data_path"] in str(e)
+        raise e if named else ValueError(f"{data_dir}: {e}") from None
 
 
 def _load_data(cfg, data_dir, log):

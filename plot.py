@@ -65,7 +65,8 @@ def read_config(out_dir):
         if not isinstance(cfg, dict):
             raise TypeError("not a dict")
     except Exception as e:  # damaged JSON, a truncated zip, a refused pickle: many kinds
-        raise RunError(f"{f}: cannot read the run's config ({type(e).__name__})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise RunError(f"{f}: cannot read the run's config ({type(e).__name__}: {first})") from None
     return dict(cfg)
 
 
