@@ -137,10 +137,11 @@ def gl(*a):
 
 
 RTE = "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n"
-case("glue-out-empty", "prepare.py", glue.main, lambda d: ["--src", str(d / "src"), "--out", ""],
-     write("src/RTE/train.tsv", RTE), words="--out")
+RTE_DIR = lambda d: (write("src/RTE/train.tsv", RTE)(d), write("src/RTE/dev.tsv", RTE)(d))  # noqa: E731
+case("glue-out-empty", "prepare.py", glue.main, lambda d: ["--src", str(d / "src"), "--out", ""], RTE_DIR,
+     words="--out")
 case("glue-out-is-a-file", "prepare.py", glue.main, lambda d: ["--src", str(d / "src"), "--out", str(d / "f")],
-     lambda d: (write("src/RTE/train.tsv", RTE)(d), write("f", "x")(d)), words="--out")
+     lambda d: (RTE_DIR(d), write("f", "x")(d)), words="--out")
 case("glue-out-under-a-file", "prepare.py", glue.main, lambda d: ["--src", str(d / "src"), "--out", str(d / "f/o"),
                                                                   "--tasks", "rte"],
      lambda d: (write("src/RTE/train.tsv", RTE)(d), write("src/RTE/dev.tsv", RTE)(d), write("f", "x")(d)),
@@ -162,9 +163,11 @@ case("commonsense-src-empty", "prepare.py", cs.main, lambda d: ["--src", "", "--
 
 
 @pytest.mark.parametrize("prog, main, argv, setup, words", CASES)
-def test_bad_input(tmp_path, capsys, prog, main, argv, setup, words):
+def test_bad_input(tmp_path, capsys, monkeypatch, prog, main, argv, setup, words):
     if setup:
         setup(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may land in the current directory either
     capsys.readouterr()
     try:
         code = main(argv(tmp_path))
@@ -177,6 +180,7 @@ def test_bad_input(tmp_path, capsys, prog, main, argv, setup, words):
     for w in words:
         assert w in err, (w, err)
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]  # nothing half-written
+    assert not list((tmp_path / "cwd").iterdir())
 
 
 def test_case_count():

@@ -547,9 +547,10 @@ def test_no_validation_set_no_fake_loss(runs, tmp_path, capsys):
 def test_no_accuracy_from_non_finite_weights(runs):
     """evaluate() refuses a model with a NaN weight (whatever let it through), naming the tensor."""
     from evaluate import evaluate
+    from tokenizer import load_tokenizer
     m = M.Transformer(M.ModelArgs.from_name("tiny"))
     with torch.no_grad():
         m.layers[1].feed_forward.w2.weight[0, 0] = float("nan")
     cfg = T.parse_config(flags(**{**runs["lm"], "out_dir": runs["root"] / "x"}))
     with pytest.raises(ValueError, match="layers.1.feed_forward.w2.weight holds NaN or inf"):
-        evaluate(m, None, cfg, runs["data"], None)
+        evaluate(m, load_tokenizer("bytes"), cfg, runs["data"], None)
