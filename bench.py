@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ import torch
 import model as M
 import reflora
 from runstate import atomic_write
-from sample import generate
+from sample import MAX_BEAMS, generate
 
 # -----------------------------------------------------------------------------
 # timing
@@ -609,7 +610,22 @@ def main(argv=None):
     p.add_argument("--grad_checkpoint", type=boolean, default=False,
                    help="True/False: recompute activations in backward")
     p.add_argument("--json", default="", help="write the results here (--suite: and a markdown table beside it)")
+    p.error = lambda msg: _fail(msg)  # one line, exit 2 (argparse prints its usage first)
     args = p.parse_args(argv)
+    for k, lo in [("batch_size", 1), ("seq_len", 2), ("rank", 1), ("pairs", 1), ("beams", 1), ("new_tokens", 1),
+                  ("warmup", 0), ("iters", 1)]:
+        if getattr(args, k) is not None and getattr(args, k) < lo:
+            _fail(f"--{k}={getattr(args, k)}: must be >= {lo}")
+    if args.beams > MAX_BEAMS:
+        _fail(f"--beams={args.beams}: at most {MAX_BEAMS}")
+    if not 0 < args.budget < float("inf"):
+        _fail(f"--budget={args.budget}: must be a finite number of seconds > 0")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        _fail(f"--device={args.device}: expected cpu, cuda or cuda:N")
+    if (args.device or "").startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device={args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        _fail(f"--json={args.json}: expected a file path in an existing directory")
     if args.suite and args.device is None and not torch.cuda.is_available():
         print("bench.py --suite: no CUDA device here, nothing to measure (a CPU dry run: --suite --device=cpu "
               "--model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 --new_tokens=4 --compile=False)")
@@ -623,6 +639,8 @@ def main(argv=None):
     args.iters = args.iters or (10 if args.suite else 20)
     if not args.suite:
         args.batch_size = args.batch_size or 8
+    if args.seq_len + args.new_tokens > (n := M.ModelArgs.from_name(args.model).max_seq_len):
+        _fail(f"--seq_len={args.seq_len} + --new_tokens={args.new_tokens}: more than {args.model}'s max_seq_len {n}")
     if args.suite:
         res = suite(args)
     elif args.refactor:
@@ -634,6 +652,7 @@ def main(argv=None):
     else:
         res = bench_train(args)
     if args.json:
+        res = res if isinstance(res, dict) else dict(rows=res)  # --adam_step: a list of rows
         out = res if args.suite else dict(res, device=str(args.device), torch=torch.__version__, config=vars(args))
         atomic_write(args.json, json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -642,6 +661,11 @@ def main(argv=None):
             atomic_write(md, res["markdown"])
             print(f"wrote {md}")
     return 0
+
+
+def _fail(msg):
+    print(f"bench.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ References: the authors' commonsense finetune.py (zhangyilang/RefLoRA, from LLM-
 cutoff_len, 120 held-out examples; HF's DataCollatorWithPadding (left padding for the last-token classifier), its
 "longest_first" truncation of sentence pairs and LengthGroupedSampler.
 """
+import hashlib
 from pathlib import Path
 
 import torch
 
-from data.commonsense.prepare import load_train, read_instructions, train_prompt
-from data.glue.prepare import glue_path, read_glue
+from data.commonsense.prepare import DATASETS, _train_170k, load_test, load_train, read_instructions, train_prompt
+from data.glue.prepare import glue_path, glue_source, read_glue
 
 ROOT = Path(__file__).resolve().parent
 
@@ -88,13 +89,17 @@ def load_data(cfg, data_dir, log):
     try:
         return _load_data(cfg, data_dir, log)
     except ValueError as e:
-        raise e if str(data_dir) in str(e) else ValueError(f"{data_dir}: {e}") from None
+        named = str(data_dir) in str(e) or cfg["data_path"] and cfg["data_path"] in str(e)
+        raise e if named else ValueError(f"{data_dir}: {e}") from None
 
 
 def _load_data(cfg, data_dir, log):
     if cfg["task"] == "glue":
         train = read_glue(cfg["glue_task"], "train", data_dir)
-        dev = read_glue(cfg["glue_task"], "dev_matched" if cfg["glue_task"] == "mnli" else "dev", data_dir)
+        split = "dev_matched" if cfg["glue_task"] == "mnli" else "dev"
+        dev = read_glue(cfg["glue_task"], split, data_dir)
+        if not dev:  # no dev set: no dev loss or metrics to report
+            raise ValueError(f"{glue_source(cfg['glue_task'], split, data_dir)}: no records (the dev set is scored)")
         log(f"data: {cfg['glue_task']} from {data_dir}: {len(train):,} train, {len(dev):,} dev")
         return train, dev[:cfg["eval_limit"] or None]
     if cfg["data_path"]:  # the commonsense prompt template; evaluation still on data_dir's test sets
@@ -107,6 +112,26 @@ def _load_data(cfg, data_dir, log):
     perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(42)).tolist()
     k = min(cfg["val_set_size"], len(records) // 2)
     return [records[i] for i in sorted(perm[k:])], [records[i] for i in sorted(perm[:k])]
+
+
+def train_files(cfg, data_dir):
+    """The files the training records come from (what load_data reads for them)."""
+    if cfg["task"] == "glue":
+        return [glue_source(cfg["glue_task"], "train", data_dir)]
+    if cfg["data_path"]:
+        return [Path(cfg["data_path"])]
+    if (p := _train_170k(data_dir)) is not None:
+        return [p]
+    return [p for n in DATASETS if (p := Path(data_dir) / "dataset" / n / "train.json").is_file()]
+
+
+def identity(files):
+    """{path: [size, sha256]} of each file: what a resume checks its data against (a path alone says too little)."""
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            out[str(f)] = [Path(f).stat().st_size, hashlib.file_digest(fh, "sha256").hexdigest()]
+    return out
 
 
 def steps_per_epoch(cfg, train_set, world):
@@ -125,6 +150,9 @@ def check_against(cfg, model, tok, clf, data_dir):
     n = model.args.max_seq_len
     if cfg["cutoff_len"] > n:
         raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: more than the model's max_seq_len {n} ({cfg['init_from']})")
+    if clf is None and cfg["cutoff_len"] < 2:
+        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: a training example needs at least 2 tokens (the loss "
+                         "predicts each token from the ones before it)")
     if clf is None and cfg["max_new_tokens"] >= n:
         raise ValueError(f"--max_new_tokens={cfg['max_new_tokens']}: leaves no room for the prompt in the model's "
                          f"max_seq_len {n} ({cfg['init_from']})")
@@ -135,6 +163,11 @@ def check_against(cfg, model, tok, clf, data_dir):
         if not (Path(data_dir) / "dataset" / name / "test.json").is_file():
             raise FileNotFoundError(f"--eval_sets={','.join(cfg['eval_sets'])}: no test set {name} in {data_dir} "
                                     f"({Path(data_dir) / 'dataset' / name / 'test.json'})")
+    names = cfg["eval_sets"] or [n for n in DATASETS if (Path(data_dir) / "dataset" / n / "test.json").is_file()]
+    for name in names if clf is None else ():  # read now: a broken or empty test set is an error before training
+        if not load_test(data_dir, name):
+            raise ValueError(f"{Path(data_dir) / 'dataset' / name / 'test.json'}: no records (an empty test set has "
+                             "no accuracy)")
 
 # -----------------------------------------------------------------------------
 # the order of the training batches: one permutation per epoch, a function of (seed, epoch) alone

@@ -21,7 +21,7 @@ from data.commonsense.prepare import DATASETS, eval_prompt, extract_answer, load
 from data.glue.prepare import glue_metrics
 from dataset import cls_batch, encode_cls, encode_lm, lm_batch
 from model import autocast, cls_loss, merge_lora
-from runstate import read_head, verify_checkpoint, write_json
+from runstate import nonfinite, read_head, verify_checkpoint, write_json
 from sample import generate
 from weights import load_adapter
 
@@ -64,6 +64,7 @@ def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print, bas
     names = eval_set_names(cfg, data_dir)
     if not names:
         raise FileNotFoundError(f"{data_dir}: no dataset/<name>/test.json to evaluate on")
+    check_finite(model, what)
     if len(names) < len(DATASETS) and not cfg["eval_sets"]:
         log(f"{what}: no test set for {', '.join(n for n in DATASETS if n not in names)} in {data_dir}")
     amp, results, ns = autocast(model), {}, {}
@@ -108,6 +109,12 @@ def evaluate(model, tok, cfg, data_dir, out_dir, rank=0, world=1, log=print, bas
     return results
 
 
+def check_finite(model, what):
+    """No score from a model with a NaN or inf weight: one line naming the tensor (found at load, or after merging)."""
+    if bad := nonfinite(dict(model.named_parameters())):
+        raise ValueError(f"{what}: the model's {bad} holds NaN or inf: nothing to score")
+
+
 def table(results, ns, base=None):
     """Accuracy (%) per set and their average; with `base`, the base model's column beside it."""
     cols = ([("base", base)] if base is not None else []) + [("acc" if base is None else "finetuned", results)]
@@ -121,6 +128,7 @@ def table(results, ns, base=None):
 @torch.no_grad()
 def evaluate_glue(clf, tok, cfg, records, out_dir=None, rank=0, world=1):
     """-> (dev loss, GLUE metrics) of the classifier; writes out_dir/eval_<task>.json when out_dir is given."""
+    check_finite(clf, "eval")
     clf.eval()
     seqs, dev = [encode_cls(tok, r, cfg["cutoff_len"]) for r in records], next(clf.parameters()).device
     batches = _by_length(seqs, cfg["eval_batch_size"])
@@ -158,7 +166,9 @@ def validate(model, clf, tok, cfg, records, out_dir, rank, world):
 
 @torch.no_grad()
 def val_loss(model, tok, cfg, records):
-    """Token-weighted mean loss over the held-out commonsense examples."""
+    """Token-weighted mean loss over the held-out commonsense examples (None without any: no validation)."""
+    if not records:
+        return None
     model.eval()
     seqs, dev = [encode_lm(tok, r, cfg["cutoff_len"]) for r in records], next(model.parameters()).device
     total, count = torch.zeros((), device=dev), 0
@@ -184,9 +194,15 @@ def protocol(cfg, data_dir):
 
 
 def cached_base(cfg, data_dir, out_dir):
+    """The cached accuracy of the base model under this protocol; None if absent, stale or damaged (measured anew)."""
     f = out_dir / "eval_base.json"
-    c = json.loads(f.read_text()) if f.is_file() else {}
-    return c["accuracy"] if c.get("protocol") == protocol(cfg, data_dir) else None
+    try:
+        c = json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return None
+    acc = c.get("accuracy") if isinstance(c, dict) and c.get("protocol") == protocol(cfg, data_dir) else None
+    ok = isinstance(acc, dict) and all(type(a) in (int, float) and 0 <= a <= 1 for a in acc.values())
+    return acc if ok else None
 
 
 def base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log):

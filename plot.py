@@ -12,6 +12,7 @@ The x axis is optimizer steps: log.jsonl does not record the training-set size, 
 The reading and statistics below need numpy only; matplotlib is imported when a picture is drawn, and when it is
 missing loss_png returns None and the CLI exits 2 with one line.
 """
+import contextlib
 import json
 import os
 import sys
@@ -40,12 +41,14 @@ def read_log(path):
         try:
             rec = json.loads(line)
             it = int(rec["iter"])
-        except (ValueError, KeyError, TypeError):
+            loss = float(rec["loss"]) if "loss" in rec else None
+            vloss = float(rec["val_loss"]) if "val_loss" in rec else None
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise RunError(f"{path}:{n}: not a train.py log record") from None
-        if "loss" in rec:
-            train[it] = float(rec["loss"])
-        if "val_loss" in rec:
-            val[it] = {k: v for k, v in rec.items() if k != "iter"}
+        if loss is not None:
+            train[it] = loss
+        if vloss is not None:
+            val[it] = {**{k: v for k, v in rec.items() if k != "iter"}, "val_loss": vloss}
     return train, val
 
 
@@ -65,12 +68,21 @@ def read_series(path, key):
 def read_config(out_dir):
     """The run's resolved config: out_dir/config.json if there is one, else the one saved in state.pt; {} if none."""
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file():
-        return json.loads((out_dir / "config.json").read_text())
-    if (out_dir / "state.pt").is_file():
-        import torch
-        return dict(torch.load(out_dir / "state.pt", map_location="cpu", weights_only=True)["config"])
-    return {}
+    f = out_dir / "config.json" if (out_dir / "config.json").is_file() else out_dir / "state.pt"
+    if not f.is_file():
+        return {}
+    try:
+        if f.suffix == ".json":
+            cfg = json.loads(f.read_text())
+        else:
+            import torch
+            cfg = torch.load(f, map_location="cpu", weights_only=True)["config"]
+        if not isinstance(cfg, dict):
+            raise TypeError("not a dict")
+    except Exception as e:  # damaged JSON, a truncated zip, a refused pickle: many kinds
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise RunError(f"{f}: cannot read the run's config ({type(e).__name__}: {first})") from None
+    return dict(cfg)
 
 
 def load_run(out_dir):
@@ -173,9 +185,15 @@ def _save(fig, plt, path):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fig.tight_layout()
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(f"{path}: cannot write it ({e.strerror})") from None
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -281,13 +299,16 @@ def main(argv=None):
         return _fail(f"--smooth={opts['smooth']}: expected a whole number >= 1")
     if opts["spread"] not in ("minmax", "std"):
         return _fail(f"--spread={opts['spread']}: expected minmax or std")
+    out = Path(opts["out"])
+    if not opts["out"].strip() or out.is_dir() or not out.parent.is_dir():
+        return _fail(f"--out={opts['out']}: expected a file path in an existing directory")
     try:
         runs = [load_run(d) for d in dirs]
-    except RunError as e:
+        if _pyplot() is None:
+            return _fail("matplotlib is not installed: pip install matplotlib to draw pictures")
+        print(overlay_png(runs, out, int(opts["smooth"]), opts["spread"]))
+    except (RunError, OSError) as e:
         return _fail(str(e))
-    if _pyplot() is None:
-        return _fail("matplotlib is not installed: pip install matplotlib to draw pictures")
-    print(overlay_png(runs, opts["out"], int(opts["smooth"]), opts["spread"]))
     return 0
 
 

@@ -17,6 +17,7 @@ search semantics); Hugging Face chat templates (tokenizer_config.json "chat_temp
 """
 import contextlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ device = "cpu"
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (str, int, float))}
 TEMPLATES = ("auto", "chatml", "llama3", "commonsense", "none")
+MAX_BEAMS = 64  # beam search keeps num_beams KV-cache rows per prompt; past this it is memory, not search
 
 
 def _fail(msg):
@@ -66,6 +68,17 @@ def parse_args(argv):
         _fail(f"--template={cfg['template']}: expected one of {', '.join(TEMPLATES)}")
     if cfg["num_beams"] < 1 or cfg["max_new_tokens"] < 1 or cfg["temperature"] < 0 or not 0 < cfg["top_p"] <= 1:
         _fail("need --num_beams >= 1, --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
+    for k, ok, want in [("num_beams", cfg["num_beams"] <= MAX_BEAMS, f"at most {MAX_BEAMS} beams"),
+                        ("temperature", math.isfinite(cfg["temperature"]), "a finite number >= 0 (0: greedy)"),
+                        ("top_k", cfg["top_k"] >= 0, "a whole number >= 0 (0: all tokens)"),
+                        ("seed", -2 ** 63 <= cfg["seed"] < 2 ** 63, "an integer in [-2**63, 2**63)"),
+                        ("device", re.fullmatch(r"cpu|cuda(:\d+)?", cfg["device"]), "cpu, cuda or cuda:N")]:
+        if not ok:
+            _fail(f"--{k}={cfg[k]}: expected {want}")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device={cfg['device']}: this torch ({torch.__version__}) sees no CUDA device")
+    if cfg["device"].startswith("cuda:") and int(cfg["device"][5:]) >= torch.cuda.device_count():
+        _fail(f"--device={cfg['device']}: only {torch.cuda.device_count()} CUDA device(s)")
     return cfg
 
 
@@ -192,7 +205,11 @@ def chat_template(path):
     """The chat template string of a checkpoint folder (tokenizer_config.json) or .gguf file, or None."""
     p = Path(path)
     if p.is_dir() and (p / "tokenizer_config.json").is_file():
-        return json.loads((p / "tokenizer_config.json").read_text()).get("chat_template")
+        try:
+            tpl = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{p / 'tokenizer_config.json'}: cannot read ({type(e).__name__})") from None
+        return tpl.get("chat_template") if isinstance(tpl, dict) else None
     if p.suffix == ".gguf":
         field = gguf.GGUFReader(p).fields.get("tokenizer.chat_template")
         return field.contents() if field else None
@@ -222,9 +239,11 @@ def build_prompt(cfg, ckpt):
     text = cfg["prompt"]
     if text.startswith("FILE:"):
         try:
-            text = Path(text[5:]).read_text()
+            text = Path(text[5:]).read_text(encoding="utf-8")
         except OSError as e:
             _fail(f"--prompt={cfg['prompt']}: {e.strerror}")
+        except UnicodeDecodeError as e:
+            _fail(f"--prompt={cfg['prompt']}: not UTF-8 text ({e.reason} at byte {e.start})")
     kind = cfg["template"]
     if kind == "commonsense":
         return eval_prompt(text), True
@@ -267,10 +286,13 @@ def main(argv=None):
         if cfg["out_dir"]:
             with contextlib.redirect_stdout(sys.stderr):  # add_lora's summary line: stdout is for the answer
                 load_adapter(model, cfg["out_dir"])
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        text, bos = build_prompt(cfg, ckpt)
+    except (CheckpointError, OSError, ValueError) as e:
         _fail(str(e))
-    text, bos = build_prompt(cfg, ckpt)
-    ids = tok.encode(text, bos=bos)
+    ids, n = tok.encode(text, bos=bos), model.args.max_seq_len
+    if not ids or len(ids) + cfg["max_new_tokens"] > n:
+        _fail(f"--prompt: {len(ids)} tokens + --max_new_tokens={cfg['max_new_tokens']} do not fit the model's "
+              f"max_seq_len {n} ({cfg['init_from']})" if ids else "--prompt: empty (no token to start from)")
     if cfg["num_beams"] > 1:
         print(tok.decode(complete(model, tok, ids, cfg)))
     else:

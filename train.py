@@ -36,13 +36,14 @@ import plot
 from configurator import check, configure, fail, hms
 from data.commonsense.prepare import DATASETS
 from data.glue.prepare import TASKS as GLUE_TASKS
-from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm, lm_batch, load_data, \
-    resolve_data_dir, steps_per_epoch
+from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm, identity, lm_batch, load_data, \
+    resolve_data_dir, steps_per_epoch, train_files
 from evaluate import base_accuracy, evaluate_out_dir, evaluate_run, validate
 from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compute_dtype, flops_per_token, peak_flops
 from reflora import BASES, METHODS, RefLoRA, local, step_norm
-from runstate import SIGNALS, Interrupted, TrainingDiverged, check_out_dir, claim, resume_checkpoint, save_checkpoint, \
-    signal_handlers, training_state
+from runstate import SIGNALS, Interrupted, TrainingDiverged, claim, resume_checkpoint, save_checkpoint, \
+    signal_handlers, start_run, training_state
+from sample import MAX_BEAMS
 from weights import load_base
 
 _before = set(globals())
@@ -123,6 +124,10 @@ RULES = [((k,), lambda v, o=o: v in o, f"expected one of {', '.join(o)}") for k,
     (("grad_clip",), lambda v: 0 <= v < INF, "must be a finite number >= 0 (0: no clipping)"),
     (("lora_dropout",), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (("device",), lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "expected auto, cpu, cuda or cuda:N"),
+    (("num_beams",), lambda v: v <= MAX_BEAMS, f"at most {MAX_BEAMS} beams"),
+    (("seed",), lambda v: -2 ** 63 <= v < 2 ** 63, "must be in [-2**63, 2**63) (a torch generator's seed)"),
+    (("out_dir",), lambda v: v.strip() != "", "empty: name a directory (e.g. --out_dir=out)"),
+    (("init_from",), lambda v: v.strip() != "", "empty: a preset name or a checkpoint path"),
 ]
 # --resume=True: these may differ from the checkpoint's config and take effect (the lr schedule is rebuilt from
 # them); every other saved setting (model, tokenizer, LoRA, method, batch sizes, seed, task, data) must be equal
@@ -152,6 +157,9 @@ def parse_config(argv):
         fail(f"--device={cfg['device']}: only {torch.cuda.device_count()} CUDA device(s)")
     if cfg["resume"] and cfg["overwrite"]:
         fail("--resume=True and --overwrite=True: choose one")
+    if not cfg["eval_only"] and cfg["max_iters"] == 0 and cfg["epochs"] == 0:
+        fail("--max_iters=0 and --epochs=0: no training step (set one of them; --eval_only=True evaluates the model "
+             "without training it)")
     return cfg
 
 
@@ -190,6 +198,7 @@ class Run:
     data_dir: Path
     steps_per_epoch: int
     base: Optional[dict]  # the base model's accuracy, the final table's first column (None: not measured)
+    data: dict = field(default_factory=dict)  # the training files' {path: [size, sha256]}, saved and checked on resume
     opt: Any = None  # RefLoRA, and HF's linear schedule
     sched: Any = None
     fwd: Any = None  # the training forward (compiled, DDP)
@@ -218,30 +227,33 @@ class Run:
 
 def train(cfg):
     """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers.
-    Everything is checked (out_dir, model, data) before anything is written; out_dir is locked while it runs."""
+    Everything is checked (out_dir, model, data) before anything is written; out_dir is checked and locked in one
+    step before anything slow (a second run cannot find it free in between), and stays locked while it runs."""
     ddp, rank, world, dev = distributed.setup(cfg["device"], cfg["backend"])
     out_dir, log = Path(cfg["out_dir"]), (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log("config: " + json.dumps(cfg))
     if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
         raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
-    check_out_dir(cfg, out_dir)
-    torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
-    model, tok, clf = build(cfg, dev, compute_dtype(cfg["dtype"], dev))
-    data_dir = resolve_data_dir(cfg)
-    check_against(cfg, model, tok, clf, data_dir)
-    train_set, val_set = load_data(cfg, data_dir, log) if not cfg["eval_only"] or clf is not None else ([], [])
-    n_steps = steps_per_epoch(cfg, train_set, world)
-    with claim(out_dir, cfg["overwrite"], master=rank == 0):
+    with claim(cfg, out_dir, master=rank == 0):
+        torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
+        model, tok, clf = build(cfg, dev, compute_dtype(cfg["dtype"], dev))
+        data_dir = resolve_data_dir(cfg)
+        check_against(cfg, model, tok, clf, data_dir)
+        train_set, val_set = load_data(cfg, data_dir, log) if not cfg["eval_only"] or clf is not None else ([], [])
+        n_steps = steps_per_epoch(cfg, train_set, world)
+        data = {} if cfg["eval_only"] else identity(train_files(cfg, data_dir))
         if ddp:
             torch.distributed.barrier()
         if cfg["eval_only"]:
             return evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
+        if rank == 0:
+            start_run(out_dir, cfg["overwrite"])
         # the base model's accuracy, cached in out_dir; a resumed run reads the first run's cache at the end instead
         # (nothing is evaluated or written before the saved config has been checked against the flags)
         base = base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None and not cfg["resume"] \
             else None
         r = Run(cfg, ddp, rank, world, dev, out_dir, log, model, tok, clf, train_set, val_set, data_dir, n_steps,
-                base)
+                base, data)
         try:
             return _train(r)
         except Interrupted as e:
@@ -258,7 +270,7 @@ def _train(r):
     torch.manual_seed(cfg["seed"] + r.rank)  # dropout masks differ across ranks
     if cfg["resume"]:  # counters, LoRA (+ head), optimizer, schedule, this rank's generators; log.jsonl cut back
         st, changed = resume_checkpoint(r.out_dir, cfg, r.model, r.clf, r.opt, r.sched, MAY_CHANGE, r.rank, r.world,
-                                        r.dev)
+                                        r.dev, r.total, r.data)
         r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
         r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
             f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
@@ -305,9 +317,13 @@ def _finish(r):
 
 def _summary(cfg, out_dir, log):
     """The last line: where the results are (files that exist, loss.png drawn from log.jsonl), how to sample."""
-    glue, png = cfg["task"] == "glue", plot.loss_png(out_dir)
-    if png is None:
-        log("loss plot: not written (needs matplotlib: pip install matplotlib)")
+    glue = cfg["task"] == "glue"
+    try:
+        if (png := plot.loss_png(out_dir)) is None:
+            log("loss plot: not written (needs matplotlib: pip install matplotlib)")
+    except (ValueError, OSError) as e:  # a damaged log.jsonl, a full disk: the run itself is done
+        png = None
+        log(f"loss plot: not drawn ({e})")
     files = [("adapter", out_dir / "adapter_model.safetensors"), ("head", out_dir / "head.safetensors"),
              ("eval", out_dir / (f"eval_{cfg['glue_task']}.json" if glue else "eval.json")), ("loss plot", png)]
     line = ", ".join(f"{k} {p}" for k, p in files if p is not None and Path(p).is_file())
@@ -405,8 +421,11 @@ def _log_line(r, lr, old):
 
 def _log_json(r, rec):
     if r.logf:  # the master's out_dir/log.jsonl
-        r.logf.write(json.dumps(rec) + "\n")
-        r.logf.flush()
+        try:
+            r.logf.write(json.dumps(rec) + "\n")
+            r.logf.flush()
+        except OSError as e:
+            raise OSError(f"{r.out_dir / 'log.jsonl'}: cannot write it ({e.strerror})") from None
 
 
 def _stop_if_diverged(r, loss_sum, what="loss"):
@@ -447,34 +466,36 @@ def _checkpoint(r, validation=True):
             _log_json(r, dict(iter=r.it, val_loss=v, **metrics))
         save_checkpoint(r.out_dir, r.model, lora, head, dict(
             iter_num=r.it, epoch=r.it // r.steps_per_epoch, data_position=r.it % r.steps_per_epoch * cfg["batch_size"],
-            config=cfg, best_val=r.best_val, rng=rngs, optimizer=optim, scheduler=r.sched.state_dict()))
+            config=cfg, best_val=r.best_val, rng=rngs, optimizer=optim, scheduler=r.sched.state_dict(), data=r.data))
     r.last_saved = r.it
     if r.ddp:
         torch.distributed.barrier()
 
 
 def main(argv=None):
-    """The CLI: every error is one line on stderr; exit 2 (bad input), 1 (divergence), 130 / 143 (SIGINT / SIGTERM)."""
+    """The CLI: every error is one line on stderr; exit 2 (bad input, a failed write), 1 (divergence), 130 / 143
+    (SIGINT / SIGTERM: in the loop the first one finishes the step and saves; later ones are ignored)."""
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    try:
-        with signal_handlers():  # Ctrl-C / SIGTERM in the loop: finish the step, save, exit 130 / 143
+    with signal_handlers():  # the handlers stay while the error is printed: a late signal changes nothing
+        try:
             train(cfg)
-    except TrainingDiverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, OSError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (Interrupted, KeyboardInterrupt) as e:
-        signum, r = getattr(e, "signum", signal.SIGINT), getattr(e, "run", None)
-        what = "nothing saved" if r is None or r.last_saved is None else \
-            f"checkpoint of iter {r.last_saved} in {r.out_dir}, continue with --resume=True"
-        print(f"train.py: {signal.Signals(signum).name}: stopped{f' after iter {r.it}' if r else ''}; {what}",
-              file=sys.stderr)
-        sys.exit(128 + signum)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        except TrainingDiverged as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            sys.exit(1)
+        except (ValueError, OSError) as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except (Interrupted, KeyboardInterrupt) as e:
+            SIGNALS.exiting = argv is None  # the process ends: later signals are ignored to its last instruction
+            signum, r = getattr(e, "signum", signal.SIGINT), getattr(e, "run", None)
+            what = "nothing saved" if r is None or r.last_saved is None else \
+                f"checkpoint of iter {r.last_saved} in {r.out_dir}, continue with --resume=True"
+            print(f"train.py: {signal.Signals(signum).name}: stopped{f' after iter {r.it}' if r else ''}; {what}",
+                  file=sys.stderr)
+            sys.exit(128 + signum)
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ names the file.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -176,6 +177,33 @@ def _check_hf_config(f, cfg):
                               f"{name['n_kv_heads']} = {kv} must divide it")
 
 
+MAX_SEQ_LEN = 1 << 20  # a sane context: the RoPE table (max_seq_len × head_dim float32) is built at load
+
+
+def _check_args(args, f, layout):
+    """ModelArgs a Transformer can be built from: sizes > 0, heads dividing the width (an even head_dim, for RoPE's
+    pairs), a context of at most MAX_SEQ_LEN; else one line naming f (the config file) and its key."""
+    key = {row[0]: row[layout] for row in CONFIG if row[layout]}  # ModelArgs field -> the file's key
+
+    def name(m):
+        return m if layout == META or m not in key else ("llama." if layout == GGUF else "") + key[m]
+
+    for m in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+        v = getattr(args, m)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{f}: {name(m)} = {v!r}, expected a positive integer")
+    for m in ("norm_eps", "rope_theta"):
+        v = getattr(args, m)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise CheckpointError(f"{f}: {name(m)} = {v!r}, expected a positive number")
+    if args.max_seq_len > MAX_SEQ_LEN:
+        raise CheckpointError(f"{f}: {name('max_seq_len')} = {args.max_seq_len:,}: more than {MAX_SEQ_LEN:,} tokens "
+                              "(the RoPE table would not fit)")
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads or args.head_dim % 2:
+        raise CheckpointError(f"{f}: {name('n_heads')} = {args.n_heads} must divide {name('dim')} = {args.dim} "
+                              f"into heads of even size, and {name('n_kv_heads')} = {args.n_kv_heads} must divide it")
+
+
 def _read_hf(d):
     """config.json + model.safetensors, or shards with their index, or pytorch_model*.bin."""
     f = d / "config.json"
@@ -243,6 +271,7 @@ def load_model(path_or_name, dtype=None, device=None):
     emb = sd.get("tok_embeddings.weight")
     if args.vocab_size == -1 and emb is not None:  # LLaMA-1/2 params.json
         args.vocab_size = emb.shape[0]
+    _check_args(args, {META: p / "params.json", HF: p / "config.json", GGUF: p}[layout], layout)
     args.tie_word_embeddings = "output.weight" not in sd  # no lm_head: tied to the embedding
     with torch.device("meta"):
         model = Transformer(args)
@@ -255,6 +284,8 @@ def load_model(path_or_name, dtype=None, device=None):
         raise CheckpointError(f"{p}: shapes that do not fit its config: {', '.join(bad[:4])}")
     dtype = dtype or emb.dtype
     for k, t in sd.items():  # one tensor at a time, straight to the requested dtype and device
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{p}: {name(k)} holds NaN or inf")
         sd[k] = (_qk(k, t, args, to_hf=False) if layout == HF else t).to(device=device, dtype=dtype)
     if args.tie_word_embeddings:
         sd["output.weight"] = sd["tok_embeddings.weight"]
@@ -393,13 +424,31 @@ def save_adapter(model, out_dir, lora=None):
     os.rmdir(tmp)
 
 
+def _adapter_config(f):
+    """adapter_config.json as a dict with usable r, lora_alpha, lora_dropout, else one line naming f and the key."""
+    cfg = _json(f)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{f}: not a JSON object")
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise CheckpointError(f"{f}: DoRA, rsLoRA and per-module ranks are not supported")
+    number = lambda v: type(v) in (int, float) and math.isfinite(v)  # noqa: E731  (bool is not a number here)
+    for key, ok, want in [("r", lambda v: type(v) is int and v >= 1, "a positive integer"),
+                          ("lora_alpha", lambda v: number(v) and v > 0, "a positive number"),
+                          ("lora_dropout", lambda v: v is None or number(v) and 0 <= v < 1, "a number in [0, 1)")]:
+        if key not in cfg and key != "lora_dropout":
+            raise CheckpointError(f"{f}: no {key}")
+        if not ok(cfg.get(key)):
+            raise CheckpointError(f"{f}: {key} = {cfg[key]!r}, expected {want}")
+    return {**cfg, "lora_dropout": cfg.get("lora_dropout") or 0.0}
+
+
 @torch.no_grad()
 def load_adapter(model, adapter_dir):
     """Read a PEFT LoRA adapter (ours or PEFT's) into the model, adding LoRA layers first if it has none."""
     d = Path(adapter_dir)
-    cfg, sd = _json(d / "adapter_config.json"), _tensors(d / "adapter_model.safetensors")
-    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise CheckpointError(f"{d / 'adapter_config.json'}: DoRA, rsLoRA and per-module ranks are not supported")
+    cfg, sd = _adapter_config(d / "adapter_config.json"), _tensors(d / "adapter_model.safetensors")
+    if not sd:
+        raise CheckpointError(f"{d / 'adapter_model.safetensors'}: no LoRA tensors")
     pairs = {}
     for k, t in sd.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", k)
@@ -408,9 +457,13 @@ def load_adapter(model, adapter_dir):
         except (AttributeError, KeyError, TypeError):
             raise CheckpointError(f"{d / 'adapter_model.safetensors'}: unexpected key {k}") from None
         pairs.setdefault(name, {})[m.group(2)] = t
+    if (ranks := {p["A"].shape[0] for p in pairs.values() if "A" in p and p["A"].ndim == 2}) - {cfg["r"]}:
+        # the scale α/r would not be the one the adapter was trained with
+        raise CheckpointError(f"{d / 'adapter_config.json'}: r = {cfg['r']}, but its tensors have rank "
+                              f"{', '.join(map(str, sorted(ranks)))}")
     if not _lora_modules(model):
         targets = tuple(t for t in _HF_SHORT if any(n.endswith("." + t) for n in pairs))
-        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), targets)
+        add_lora(model, cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], targets)
     mods = _lora_modules(model)
     if set(mods) != set(pairs) or any(len(p) != 2 for p in pairs.values()):
         raise CheckpointError(f"{d}: adapter covers {sorted(pairs)[:3]}..., model has LoRA on {sorted(mods)[:3]}...")
@@ -419,6 +472,8 @@ def load_adapter(model, adapter_dir):
         if A.shape != m.A.shape or Bt.shape != m.B.T.shape:
             raise CheckpointError(f"{d}: {n}: lora_B, lora_A shapes {tuple(A.shape)}, {tuple(Bt.shape)} "
                                   f"!= {tuple(m.A.shape)}, {tuple(m.B.T.shape)}")
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(Bt).all())):
+            raise CheckpointError(f"{d / 'adapter_model.safetensors'}: the LoRA pair of {n} holds NaN or inf")
         m.A.copy_(_qk(n, A, model.args, to_hf=False))
         m.B.copy_(Bt.T)
         m.alpha = cfg["lora_alpha"]  # the scale α/r follows

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import model as M
 
@@ -102,3 +103,61 @@ def rand_model(args=None, dtype=torch.float64, seed=0):
 def logits(m, tokens):
     with torch.no_grad():
         return m(tokens)[0]
+
+
+# -----------------------------------------------------------------------------
+# checkpoints written the way transformers writes them (names and q/k rows independently of weights.py)
+
+
+HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
+            "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_permute(w, n_heads):  # transformers' convert_llama_weights_to_hf.py, verbatim
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def to_hf(sd, args):
+    out = {}
+    for k, t in sd.items():
+        mod = k[: -len(".weight")]
+        if mod.startswith("layers."):
+            _, i, rest = mod.split(".", 2)
+            name = f"model.layers.{i}.{HF_NAMES[rest]}"
+        else:
+            name = HF_NAMES[mod]
+        if k.endswith(("wq.weight", "wk.weight")):
+            t = hf_permute(t, args.n_heads if "wq" in k else args.n_kv_heads)
+        out[name + ".weight"] = t.contiguous()
+    return out
+
+
+def hf_config(args, tie=False):
+    return dict(model_type="llama", hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+                vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+                max_position_embeddings=args.max_seq_len, tie_word_embeddings=tie)
+
+
+def write_hf(d, m, shards=1, fmt="safetensors", tie=False):
+    d.mkdir(parents=True, exist_ok=True)
+    sd = to_hf({k: v.clone() for k, v in m.state_dict().items()}, m.args)
+    if tie:
+        del sd["lm_head.weight"]
+    (d / "config.json").write_text(json.dumps(hf_config(m.args, tie)))
+    keys, weight_map = sorted(sd), {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else f"model.{fmt}"
+        part = {k: sd[k] for k in keys[s::shards]}
+        if fmt == "bin":
+            name = "pytorch_model.bin"
+            torch.save(part, d / name)
+        else:
+            save_file(part, d / name)
+        weight_map.update({k: name for k in part})
+    if shards > 1:
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return d

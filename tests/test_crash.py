@@ -1,7 +1,11 @@
 """Crashes, signals and concurrent runs (issue 12): a save killed at each of its steps, once or twice in a row, leaves
 out_dir holding one complete checkpoint (old or new, never a mix) that --resume and --eval_only read; os._exit in
 a real process mid-save, twice, then a resume that finishes; SIGINT / SIGTERM save and exit 130 / 143; resume
-rules (lr takes effect, log.jsonl cut back); stale locks taken over; --overwrite starts over."""
+rules (lr takes effect, log.jsonl cut back); stale locks taken over; --overwrite starts over. Issue 19: a second
+run that comes in while the first loads, two takers of one stale lock (deterministic hooks, not timing), a damaged
+.new, signals in a burst and during a save, full disks (patched writes, and RLIMIT_FSIZE for real kernel errors),
+training data changed under a resume."""
+import errno
 import json
 import os
 import shutil
@@ -12,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import runstate as C
 import train as T
@@ -72,8 +77,8 @@ def test_save_killed_at_every_step_once_and_twice(run, tmp_path, monkeypatch):
         def f(*a, **k):
             calls.append(name)
             if len(calls) == crash_at[0]:
-                if write:
-                    Path(a[1]).write_bytes(b"half-written")
+                if write:  # a path, or (torch.save) the open file
+                    a[1].write(b"half-written") if hasattr(a[1], "write") else Path(a[1]).write_bytes(b"half-written")
                 raise Crash(name)
             return fn(*a, **k)
         return f
@@ -138,7 +143,7 @@ def dying(*a, **k):
     count[0] += 1
     if count[0] == int(n):
         if name == "torch.save":
-            open(a[1], "wb").write(b"half")
+            (a[1] if hasattr(a[1], "write") else open(a[1], "wb")).write(b"half")
         os._exit(9)
     return real(*a, **k)
 setattr(torch if name == "torch.save" else os, name.split(".")[-1], dying)
@@ -170,13 +175,15 @@ def test_killed_process_twice_then_resume(run, tmp_path):
 
 
 def _interrupt(out, data, sig, *extra):
+    """train.py in a process that gets `sig` (a list: each of them at once, in a burst) after two logged steps."""
     p = subprocess.Popen([sys.executable, "train.py", *argv(out, data, max_iters=1000, eval_interval=0), *extra],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = 0
     for line in p.stdout:  # two more training steps logged, then the signal
         seen += line.startswith("iter ")
         if seen == 2:
-            p.send_signal(sig)
+            for s in sig if isinstance(sig, list) else [sig]:
+                p.send_signal(s)
             break
     p.stdout.read()
     return p.wait(timeout=120), p.stderr.read()
@@ -219,3 +226,212 @@ def test_resume_takes_new_lr_trims_log_and_takes_over_stale_lock(run, tmp_path, 
     # --overwrite=True: a new run, its log started afresh
     T.main(argv(out, data, overwrite=True, max_iters=1))
     assert log_iters(out) == [1] and C.read_state(out / "state.pt")["iter_num"] == 1
+
+
+# -----------------------------------------------------------------------------
+# issue 19: races, a damaged .new, second signals, full disks, changed data
+
+
+def test_second_run_cannot_slip_in_while_the_first_loads(run, tmp_path, monkeypatch, capsys):
+    """Run B checks out_dir, then loads its model; run A (another process) goes from start to end right then. A
+    must find out_dir locked by B (exit 2), and B's checkpoint and log are B's alone: out_dir is checked and locked
+    in one step, before anything slow."""
+    root, data = run
+    out, other = tmp_path / "out", []
+    real_build = T.build
+
+    def slow_build(*a, **k):  # B's model load: the moment the other run comes in
+        if not other:
+            other.append(subprocess.run([sys.executable, "train.py", *argv(out, data, max_iters=1)], cwd=ROOT, env=ENV,
+                                        capture_output=True, text=True, timeout=120))
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(T, "build", slow_build)
+    T.main(argv(out, data, max_iters=2))
+    a = other[0]
+    assert a.returncode == 2 and "in use" in a.stderr and len(a.stderr.strip().splitlines()) == 1, a.stderr[-2000:]
+    assert log_iters(out) == [1, 2] and consistent(out)["iter_num"] == 2
+
+
+def test_stale_lock_taken_over_once(tmp_path, monkeypatch):
+    """Two processes find the same stale lock; the other one tries to take it while this one is deciding (a hook
+    in _alive, which judges the stale lock's process gone): exactly one of them holds out_dir."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / ".lock").write_text(f"{os.uname().nodename} {dead.pid}")
+    other, real_alive = [], C._alive
+    code = ("import sys, pathlib, runstate\nrunstate.lock_out_dir(pathlib.Path(sys.argv[1]))\n"
+            "print('held', flush=True)\nsys.stdin.read()")
+
+    def alive(pid):
+        if pid == dead.pid and not other:  # the other process comes in now, and keeps what it gets
+            p = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            other.append((p, p.stdout.readline()))
+        return real_alive(pid)
+
+    monkeypatch.setattr(C, "_alive", alive)
+    try:
+        C.lock_out_dir(out)
+        mine = True
+    except ValueError as e:
+        mine = False
+        assert "in use" in str(e)
+    p, line = other[0]
+    theirs = line.strip() == "held"
+    err = p.communicate("", timeout=60)[1]
+    assert mine + theirs == 1, (mine, theirs, err[-1000:])
+    assert theirs or "in use" in err.strip().splitlines()[-1]
+    if mine:
+        C.unlock_out_dir(out)
+        assert not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["manifest-garbage", "state-junk", "state-same-size"])
+def test_damaged_new_is_discarded_not_rolled_forward(run, tmp_path, damage):
+    """A .new whose files do not match its manifest (sizes, sha256) is discarded with one line; the good checkpoint
+    stays and the run resumes from it."""
+    root, data = run
+    out = tmp_path / "out"
+    shutil.copytree(root / "good", out)
+    good = (out / "state.pt").read_bytes()
+    new = out / ".new"
+    if damage == "manifest-garbage":
+        new.mkdir()
+        (new / "checkpoint.json").write_text("{")
+        (new / "state.pt").write_bytes(b"junk")
+    else:
+        shutil.copytree(out, new, ignore=shutil.ignore_patterns("log.jsonl", "eval*", "loss.png", ".new"))
+        b = bytearray(good)
+        b[len(b) // 2] ^= 0x40
+        (new / "state.pt").write_bytes(b"junk" if damage == "state-junk" else bytes(b))
+    r = subprocess.run([sys.executable, "train.py", *argv(out, data, max_iters=3), "--resume=True"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "at iter 2" in r.stdout and "discarded" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert consistent(out)["iter_num"] == 3 and not new.exists()
+
+
+def _signalled(out, data, code_before, *extra):
+    """train.py (CLI) in a fresh process, with `code_before` run first (patches that send signals)."""
+    code = f"import os, signal, sys, torch, train, runstate\n{code_before}\nsys.argv = ['train.py', *sys.argv[1:]]\n" \
+           "train.main()\n"
+    return subprocess.run([sys.executable, "-c", code, *argv(out, data, max_iters=1000, eval_interval=0), *extra],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def test_signals_in_a_burst_save_once_and_exit_130(run, tmp_path):
+    """SIGINT and SIGINT at once, from outside (nothing saved yet: eval_interval=0): one checkpoint, exit 130."""
+    root, data = run
+    out = tmp_path / "out"
+    rc, err = _interrupt(out, data, [signal.SIGINT, signal.SIGINT, signal.SIGTERM])
+    assert rc == 130 and len(err.strip().splitlines()) == 1 and "--resume=True" in err, err
+    assert consistent(out)["iter_num"] >= 2 and not (out / ".lock").exists()
+
+
+def test_signals_during_the_save_do_not_cut_it_short(run, tmp_path):
+    """The first SIGINT after iter 2; SIGTERM, SIGINT, SIGTERM while its checkpoint is being written (sent from
+    inside torch.save): the save completes, one line, exit 130."""
+    root, data = run
+    out = tmp_path / "out"
+    patch = """
+real_log, real_save = train._log_line, torch.save
+def log_line(r, *a):
+    real_log(r, *a)
+    if r.it == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+def save(*a, **k):
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        os.kill(os.getpid(), s)
+    real_save(*a, **k)
+    os.kill(os.getpid(), signal.SIGINT)
+train._log_line, torch.save = log_line, save
+"""
+    r = _signalled(out, data, patch)
+    assert r.returncode == 130 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "SIGINT: stopped after iter 2; checkpoint of iter 2" in r.stderr, r.stderr
+    assert consistent(out)["iter_num"] == 2 and not (out / ".tmp").exists() and not (out / ".lock").exists()
+
+
+def _no_leftovers(out):
+    return sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize("where", ["state.pt", "adapter_model.safetensors"])
+def test_disk_full_during_a_save(run, tmp_path, monkeypatch, capsys, where):
+    """A write that fails with ENOSPC (torch.save, safetensors' save_file patched): one line naming the file and the
+    error, exit 2, nothing half-written left (.tmp, .new, .lock), the previous checkpoint byte for byte."""
+    root, data = run
+    out = tmp_path / "out"
+    shutil.copytree(root / "good", out)
+    before = {f: (out / f).read_bytes() for f in C.FILES if (out / f).exists()}
+
+    def full_save(obj, f, *a, **k):  # f: the open file (or a path)
+        f.write(b"PK\x03\x04 partial") if hasattr(f, "write") else Path(f).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_file(tensors, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
+
+    monkeypatch.setattr(*(torch, "save", full_save) if where == "state.pt" else (W, "save_file", full_file))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(argv(out, data, resume=True, max_iters=3))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert where in err and "No space left on device" in err and "keeps its last one (iter 2)" in err, err
+    assert _no_leftovers(out) == [] and {f: (out / f).read_bytes() for f in before} == before
+
+
+def _limited(out, data, limit, *extra):
+    """train.py in a process whose files may not grow past `limit` bytes (RLIMIT_FSIZE: writes fail with EFBIG, a
+    real write error from the kernel, without root or a small filesystem)."""
+    code = f"""
+import resource, signal, sys, train
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+train.main(sys.argv[1:])
+"""
+    return subprocess.run([sys.executable, "-c", code, *argv(out, data), *extra], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_real_write_errors(run, tmp_path):
+    """Files limited to 60 kB: state.pt (~100 kB) cannot be written (the adapter, ~30 kB, can); limited to 0 bytes:
+    not even the lock. Each: one line naming the file and the kernel's reason, exit 2, nothing half-written left,
+    the previous checkpoint intact."""
+    root, data = run
+    out = tmp_path / "out"
+    shutil.copytree(root / "good", out)
+    before = {f: (out / f).read_bytes() for f in C.FILES if (out / f).exists()}
+    r = _limited(out, data, 60_000, "--resume=True", "--max_iters=3")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "state.pt" in r.stderr and "File too large" in r.stderr, r.stderr
+    assert _no_leftovers(out) == [] and {f: (out / f).read_bytes() for f in before} == before
+    fresh = tmp_path / "fresh"
+    r = _limited(fresh, data, 0)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert ".lock" in r.stderr and "File too large" in r.stderr and not fresh.exists(), r.stderr
+
+
+def test_resume_refuses_changed_data(run, tmp_path, capsys):
+    """The training file's size and sha256 are saved; the same path with other contents is refused on resume."""
+    root, data = run
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    out = tmp_path / "out"
+    T.main(argv(out, mine, max_iters=1, eval_base=False))
+    f = mine / "dataset" / "boolq" / "train.json"
+    recs = json.loads(f.read_text())
+    f.write_text(json.dumps(recs[::-1]))  # the same records, another order: another batch order
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        T.main(argv(out, mine, max_iters=2, eval_base=False, resume=True))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and f"{f} changed since" in err, err
+    f.write_text(json.dumps(recs))  # back as it was: the resume goes on
+    T.main(argv(out, mine, max_iters=2, eval_base=False, resume=True))
+    assert C.read_state(out / "state.pt")["iter_num"] == 2

@@ -1,7 +1,9 @@
 """Bad input to train.py, table-driven (issue 12): CLI flags, config files, data files, checkpoints (state.pt,
 checkpoint.json), model files, PEFT adapters and GLUE heads. Every case runs train.main(argv) in-process on the tiny
 preset and must end with exit 2 (1 for divergence), exactly one line on stderr naming the flag or file, no traceback,
-and every file in out_dir unchanged (checksums before and after; a fresh out_dir is not even created)."""
+and every file in out_dir unchanged (checksums before and after; a fresh out_dir is not even created, nothing lands
+in the current directory). Issue 19 added out_dir, resume and eval consistency, damaged side files, odd models and
+data files too deep or too long."""
 import hashlib
 import json
 import os
@@ -10,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+import model as M
 import train as T
 from helpers import TINY, argv, write_commonsense, write_glue
 
@@ -337,16 +340,153 @@ case("data-glue-dev-missing", lambda R, d: flags(**{**R["cls"], "out_dir": d / "
      lambda d, R: (glue_file("index\tsentence1\tsentence2\tlabel\n")(d, R), (d / "glue/RTE/dev.tsv").unlink()),
      words="dev.tsv")
 
+# issue 19: out_dir, flags that gave nonsense, resume and eval consistency, damaged side files, odd models, data
+# files too deep or too long
+def tiny_meta(**params):  # a Meta checkpoint of the tiny preset (params.json overridden by params; NaN: one NaN)
+    def setup(d, R):
+        torch.manual_seed(0)
+        m = M.Transformer(M.ModelArgs.from_name("tiny"))
+        sd = m.state_dict()
+        if params.pop("nan", False):
+            sd["layers.0.attention.wq.weight"][3, 5] = float("nan")
+        (d / "m").mkdir()
+        (d / "m" / "params.json").write_text(json.dumps({**M.PRESETS["tiny"], **params}))
+        torch.save(sd, d / "m" / "consolidated.00.pth")
+    return setup
+
+
+def tensor_edit(name, key, value=float("nan")):  # one element of a tensor in a safetensors file of out_dir set
+    def then(out, R):
+        sd = load_file(out / name)
+        k = next(k for k in sd if key in k)
+        sd[k].view(-1)[0] = value
+        save_file(sd, out / name)
+    return then
+
+
+def nan_in_state(part):
+    def f(st):
+        t = next(iter(st["lora"].values())) if part == "lora" else \
+            next(t for s in st["optimizer"]["state"].values() for k, t in s.items() if k == "exp_avg")
+        t.view(-1)[0] = float("nan")
+        return st
+    return write("state.pt", f)
+
+
+def flip_byte(name):  # the same size, one byte changed (in the tensor data, past the zip's header)
+    def then(out, R):
+        b = bytearray((out / name).read_bytes())
+        b[len(b) // 2] ^= 0x40
+        (out / name).write_bytes(bytes(b))
+    return then
+
+
+def no_manifest(then):
+    return copy(then=lambda out, R: (unlink("checkpoint.json")(out, R), then(out, R)))
+
+
+def own_data(name, text):  # --data_path=case_dir/<name> holding text
+    def setup(d, R):
+        (d / name).write_text(text)
+    return setup
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+INIT_M = lambda **kw: lambda R, d: flags(**{**R["lm"], "out_dir": d / "out", "init_from": d / "m",  # noqa: E731
+                                            "tokenizer": "bytes", **kw})
+case("out-dir-empty", lambda R, d: flags(**{**R["lm"], "out_dir": ""}), words="--out_dir=")
+case("out-dir-blank", lambda R, d: flags(**{**R["lm"], "out_dir": "  "}), words="--out_dir=")
+case("init-from-empty", lm(init_from=""), words="--init_from=")
+case("seed-over-torch", lm(seed=2 ** 70), words=("--seed=", "2**63"))
+case("num-beams-unbounded", lm(num_beams=100000), words=("--num_beams=100000", "at most"))
+case("zero-steps", lm(max_iters=0, epochs=0), words=("--max_iters=0", "--epochs=0"))
+case("cutoff-len-1", lm(cutoff_len=1), words=("--cutoff_len=1", "2 tokens"))
+case("resume-at-max-iters", lm(resume=True, max_iters=2), copy(), words=("iter 2", "--max_iters=2", "nothing left"))
+case("resume-below-max-iters", lm(resume=True, max_iters=1), copy(), words=("iter 2", "--max_iters=1"))
+case("resume-stop-iter-below", lm(resume=True, max_iters=4, stop_iter=1), copy(), words=("--stop_iter=1", "iter 2"))
+case("resume-stop-iter-at", lm(resume=True, max_iters=4, stop_iter=2), copy(), words=("--stop_iter=2", "iter 2"))
+case("state-negative-iter", lm(resume=True, max_iters=3), no_manifest(state_with(iter_num=-2)),
+     words=("state.pt", "iter_num = -2"))
+case("state-bool-iter", lm(resume=True, max_iters=3), no_manifest(state_with(iter_num=True)), words="iter_num")
+case("state-nan-best-val", lm(resume=True, max_iters=3), no_manifest(state_with(best_val=float("nan"))),
+     words="best_val")
+case("state-nan-lora", lm(resume=True, max_iters=3), no_manifest(nan_in_state("lora")), words=("state.pt", "NaN"))
+case("state-nan-moment", lm(resume=True, max_iters=3), no_manifest(nan_in_state("optimizer")),
+     words=("state.pt", "exp_avg", "NaN"))
+case("state-rng-damaged", lm(resume=True, max_iters=3), no_manifest(state_with(rng=[])),
+     words=("state.pt", "generator"))
+case("state-same-size-other-bytes", lm(resume=True, max_iters=3), copy(then=flip_byte("state.pt")),
+     words=("state.pt", "sha256"))
+case("eval-adapter-same-size-other-bytes", lm(eval_only=True), copy(then=flip_byte("adapter_model.safetensors")),
+     words=("adapter_model.safetensors", "sha256"))
+case("eval-adapter-nan", lm(eval_only=True), no_manifest(tensor_edit("adapter_model.safetensors", "lora_B")),
+     words=("adapter_model.safetensors", "NaN"))
+case("eval-adapter-inf", lm(eval_only=True), no_manifest(tensor_edit("adapter_model.safetensors", "lora_A",
+                                                                     float("inf"))), words="adapter_model.safetensors")
+case("eval-adapter-alpha-0", lm(eval_only=True), no_manifest(adapter_cfg(lora_alpha=0)),
+     words=("adapter_config.json", "lora_alpha = 0"))
+case("eval-adapter-alpha-nan", lm(eval_only=True), no_manifest(write("adapter_config.json", '{"r": 4, "lora_alpha": '
+                                                                     'NaN}')), words="lora_alpha")
+case("eval-adapter-no-r", lm(eval_only=True), no_manifest(lambda out, R: (out / "adapter_config.json").write_text(
+    json.dumps({k: v for k, v in json.loads((out / "adapter_config.json").read_text()).items() if k != "r"}))),
+     words=("adapter_config.json", "no r"))
+case("eval-adapter-r-not-rank", lm(eval_only=True), no_manifest(adapter_cfg(r=8)),
+     words=("adapter_config.json", "r = 8"))
+case("eval-adapter-config-list", lm(eval_only=True), no_manifest(write("adapter_config.json", "[]")),
+     words=("adapter_config.json", "not a JSON object"))
+case("eval-adapter-dropout-2", lm(eval_only=True), no_manifest(adapter_cfg(lora_dropout=2)), words="lora_dropout")
+case("glue-head-nan", cls(eval_only=True), copy("cls", lambda o, R: (unlink("checkpoint.json")(o, R), tensor_edit(
+    "head.safetensors", "weight")(o, R))), words=("head.safetensors", "NaN"))
+case("init-from-nan-weights", INIT_M(), tiny_meta(nan=True), words=("layers.0.attention.wq.weight", "NaN"))
+case("init-from-huge-context", INIT_M(), tiny_meta(max_seq_len=2 ** 40), words=("params.json", "max_seq_len"))
+case("init-from-negative-dim", INIT_M(), tiny_meta(dim=-64), words=("params.json", "dim = -64"))
+case("init-from-heads-not-dividing", INIT_M(), tiny_meta(n_heads=5, n_kv_heads=5), words=("params.json", "n_heads = 5"))
+case("init-from-zero-layers", INIT_M(), tiny_meta(n_layers=0), words=("params.json", "n_layers = 0"))
+case("data-deep-json", lm(data_path="{case}/deep.json"), own_data("deep.json", DEEP), words=("deep.json", "record 0",
+                                                                                             "nested"))
+case("data-deep-jsonl", lm(data_path="{case}/deep.jsonl"), own_data("deep.jsonl", '{"instruction": "a", "output": "b"}'
+                                                                    "\n" + DEEP), words=("deep.jsonl", "record 1"))
+case("data-deep-train-set", lambda R, d: flags(**{**R["lm"], "out_dir": d / "out", "data_dir": d / "data"}),
+     data_file('[{"instruction": "a", "input": "", "output": "b", "answer": "b"}, ' + DEEP + "]"),
+     words=("train.json", "record 1", "nested"))
+case("data-test-set-empty", lambda R, d: flags(**{**R["lm"], "out_dir": d / "out", "data_dir": d / "data"}),
+     data_file("[]", "test.json"), words=("test.json", "no records"))
+case("data-glue-field-too-long", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out", "data_dir": d / "glue"}),
+     glue_file("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\t" + "x" * 140_000 +
+               "\tb\tentailment\n"), words=("train.tsv:3", "field"))
+case("data-glue-not-utf8", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out", "data_dir": d / "glue"}),
+     lambda d, R: (glue_file("")(d, R), (d / "glue/RTE/train.tsv").write_bytes(
+         b"index\tsentence1\tsentence2\tlabel\n0\t\xff\xfe\tb\tentailment\n")), words=("train.tsv:2", "UTF-8"))
+case("data-glue-dev-empty", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out", "data_dir": d / "glue"}),
+     glue_file("index\tsentence1\tsentence2\tlabel\n", "dev"), words=("dev.tsv", "no records"))
+GOOD = "".join(json.dumps(dict(text_a=f"the number {i}", text_b=f"plus {i}", label=i % 2)) + "\n" for i in range(16))
+for id, line, words in [("no-label", {"text_a": "a", "text_b": "b"}, "train.jsonl:17"),
+                        ("label-out-of-range", {"text_a": "a", "text_b": "b", "label": 7},
+                         ("train.jsonl:17", "label 7")),
+                        ("label-str", {"text_a": "a", "text_b": "b", "label": "0"}, "train.jsonl:17"),
+                        ("text-b-missing", {"text_a": "a", "text_b": None, "label": 0}, "train.jsonl:17"),
+                        ("text-not-str", {"text_a": 3, "text_b": "b", "label": 0}, "train.jsonl:17"),
+                        ("not-json", "{", "train.jsonl:17"), ("deep", DEEP, "train.jsonl:17")]:
+    # prepare.py's JSONL (data_dir/rte/train.jsonl, read instead of RTE/train.tsv): 16 good records, then a bad one
+    case(f"data-glue-prepared-{id}", lambda R, d: flags(**{**R["cls"], "out_dir": d / "out", "data_dir": d / "glue"}),
+         lambda d, R, line=line: (shutil.copytree(R["glue"], d / "glue"), (d / "glue" / "rte").mkdir(), (
+             d / "glue" / "rte" / "train.jsonl").write_text(GOOD + (line if isinstance(line, str) else
+                                                                    json.dumps(line)) + "\n")),
+         words=words)
+
 # divergence: exit 1, the last good checkpoint named (the run writes: its out_dir starts empty and is not compared)
 case("diverges", lm(lr=1e30, warmup_steps=2, max_iters=4, eval_interval=1, method="lora"),
      words=("non-finite", "last good checkpoint"), code=1)
 
 
 @pytest.mark.parametrize("argv, setup, words, code", CASES)
-def test_bad_input(runs, tmp_path, capsys, argv, setup, words, code):
+def test_bad_input(runs, tmp_path, capsys, monkeypatch, argv, setup, words, code):
     if setup:
         setup(tmp_path, runs)
-    args = [a.replace("{glue2}", str(tmp_path / "glue2")) for a in argv(runs, tmp_path)]
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # nothing may land in the current directory either
+    args = [a.replace("{glue2}", str(tmp_path / "glue2")).replace("{case}", str(tmp_path))
+            for a in argv(runs, tmp_path)]
     dirs = [tmp_path / "out", runs["root"] / "lm", runs["root"] / "cls"]
     before = [checksums(d) for d in dirs]
     capsys.readouterr()
@@ -360,7 +500,57 @@ def test_bad_input(runs, tmp_path, capsys, argv, setup, words, code):
         assert w in err, (w, err)
     if code == 2:
         assert [checksums(d) for d in dirs] == before  # nothing written, nothing created
+        assert not list((tmp_path / "cwd").iterdir())
 
 
 def test_case_count():
     assert len(CASES) >= 120
+
+
+# -----------------------------------------------------------------------------
+# damaged side files are not errors (a cache, a lock, a log line); no number is made up
+
+
+def test_damaged_side_files_do_not_stop_a_run(runs, tmp_path, capsys):
+    """eval_base.json garbage (a cache: measured anew, or left out), a .lock that is not text (taken over), a
+    log.jsonl whose first line is cut (the loss plot is skipped with one line; the finished run is not an error)."""
+    out = tmp_path / "out"
+    shutil.copytree(runs["root"] / "lm", out)
+    (out / "eval_base.json").write_text("{")
+    T.main(flags(**{**runs["lm"], "out_dir": out, "eval_only": True}))
+    assert "finetuned" not in capsys.readouterr().out  # no base column without a base measurement
+    (out / ".lock").write_bytes(b"\xff\xfe\x00 not a lock")
+    T.main(flags(**{**runs["lm"], "out_dir": out, "resume": True, "max_iters": 3}))
+    assert json.loads((out / "checkpoint.json").read_text())["iter"] == 3 and not (out / ".lock").exists()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "log.jsonl").write_text('{"iter": 1, "lo\n')
+    T.main(flags(**{**runs["lm"], "out_dir": fresh, "eval_base": False}))
+    printed = capsys.readouterr().out
+    assert "done:" in printed and (plot_missing() or "loss plot: not drawn" in printed), printed
+
+
+def plot_missing():
+    import plot
+    return plot._pyplot() is None
+
+
+def test_no_validation_set_no_fake_loss(runs, tmp_path, capsys):
+    """val_set_size=0: no validation loss is reported (it was 0.0000), none is logged, best_val stays unknown."""
+    out = tmp_path / "out"
+    T.main(flags(**{**runs["lm"], "out_dir": out, "val_set_size": 0, "eval_interval": 1, "eval_base": False}))
+    assert "val loss" not in capsys.readouterr().out
+    assert not any("val_loss" in json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    assert torch.load(out / "state.pt", weights_only=True)["best_val"] == float("inf")
+
+
+def test_no_accuracy_from_non_finite_weights(runs):
+    """evaluate() refuses a model with a NaN weight (whatever let it through), naming the tensor."""
+    from evaluate import evaluate
+    from tokenizer import load_tokenizer
+    m = M.Transformer(M.ModelArgs.from_name("tiny"))
+    with torch.no_grad():
+        m.layers[1].feed_forward.w2.weight[0, 0] = float("nan")
+    cfg = T.parse_config(flags(**{**runs["lm"], "out_dir": runs["root"] / "x"}))
+    with pytest.raises(ValueError, match="layers.1.feed_forward.w2.weight holds NaN or inf"):
+        evaluate(m, load_tokenizer("bytes"), cfg, runs["data"], None)

@@ -122,7 +122,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def crashing_save(obj, f, *a, **k):  # the second checkpoint dies half-way through writing state.pt
         calls.append(f)
         if len(calls) == 2:
-            Path(f).write_bytes(b"partial")
+            f.write(b"partial") if hasattr(f, "write") else Path(f).write_bytes(b"partial")  # the open file, or a path
             raise KeyboardInterrupt
         return real_save(obj, f, *a, **k)
 

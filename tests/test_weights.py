@@ -14,66 +14,12 @@ from safetensors.torch import save_file
 
 import model as M
 import weights as W
-from helpers import logits, rand_model, small_args
+from helpers import hf_config, hf_permute, logits, rand_model, small_args, to_hf, write_hf
 
 F64 = torch.float64
 
 # -----------------------------------------------------------------------------
 # checkpoints written the way Meta, transformers and llama.cpp write them
-
-
-HF_NAMES = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head",
-            "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-            "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-
-
-def hf_permute(w, n_heads):  # transformers' convert_llama_weights_to_hf.py, verbatim
-    dim1, dim2 = w.shape
-    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
-
-
-def to_hf(sd, args):
-    out = {}
-    for k, t in sd.items():
-        mod = k[: -len(".weight")]
-        if mod.startswith("layers."):
-            _, i, rest = mod.split(".", 2)
-            name = f"model.layers.{i}.{HF_NAMES[rest]}"
-        else:
-            name = HF_NAMES[mod]
-        if k.endswith(("wq.weight", "wk.weight")):
-            t = hf_permute(t, args.n_heads if "wq" in k else args.n_kv_heads)
-        out[name + ".weight"] = t.contiguous()
-    return out
-
-
-def hf_config(args, tie=False):
-    return dict(model_type="llama", hidden_size=args.dim, intermediate_size=args.hidden_dim,
-                num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
-                vocab_size=args.vocab_size, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-                max_position_embeddings=args.max_seq_len, tie_word_embeddings=tie)
-
-
-def write_hf(d, m, shards=1, fmt="safetensors", tie=False):
-    d.mkdir(parents=True, exist_ok=True)
-    sd = to_hf({k: v.clone() for k, v in m.state_dict().items()}, m.args)
-    if tie:
-        del sd["lm_head.weight"]
-    (d / "config.json").write_text(json.dumps(hf_config(m.args, tie)))
-    keys, weight_map = sorted(sd), {}
-    for s in range(shards):
-        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else f"model.{fmt}"
-        part = {k: sd[k] for k in keys[s::shards]}
-        if fmt == "bin":
-            name = "pytorch_model.bin"
-            torch.save(part, d / name)
-        else:
-            save_file(part, d / name)
-        weight_map.update({k: name for k in part})
-    if shards > 1:
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return d
 
 
 def write_meta(d, m, shards=2):
@@ -359,3 +305,65 @@ def test_smollm2_real_model(tmp_path):
         tpl = json.loads((d / "tokenizer_config.json").read_text())["chat_template"]
         assert "<|im_start|>" in tpl and tpl == pytest.importorskip("gguf").GGUFReader(g).fields[
             "tokenizer.chat_template"].contents()
+
+
+# a model config a Transformer cannot be built from, and weights with NaN or inf (issue 19): one line naming the file
+# and the key, before anything is allocated
+@pytest.mark.parametrize("layout, bad, match", [
+    ("hf", dict(max_position_embeddings=2 ** 40), "max_position_embeddings = 1,099,511,627,776"),
+    ("meta", dict(dim=-32), "params.json: dim = -32"),
+    ("meta", dict(n_heads=5, n_kv_heads=5), "n_heads = 5 must divide dim = 32"),
+    ("meta", dict(n_heads=8, n_kv_heads=8, dim=40), "heads of even size"),
+    ("meta", dict(n_layers=0), "n_layers = 0"),
+    ("meta", dict(norm_eps=0), "norm_eps = 0"),
+    ("meta", dict(rope_theta=float("inf")), "rope_theta = inf"),
+    ("meta", dict(max_seq_len=2 ** 40), "max_seq_len = 1,099,511,627,776"),
+    ("gguf", dict(max_seq_len=2 ** 31), "llama.context_length = 2,147,483,648"),
+    ("gguf", dict(n_heads=3), "llama.attention.head_count = 3")])
+def test_bad_model_config_one_line(tmp_path, layout, bad, match):
+    m = rand_model(dtype=torch.float32)
+    if layout == "hf":
+        d = write_hf(tmp_path / "hf", m)
+        (d / "config.json").write_text(json.dumps({**hf_config(m.args), **bad}))
+        f = d / "config.json"
+    elif layout == "meta":
+        d = write_meta(tmp_path / "meta", m, shards=1)
+        (d / "params.json").write_text(json.dumps({**json.loads((d / "params.json").read_text()), **bad}))
+        f = d / "params.json"
+    else:
+        for k, v in bad.items():
+            setattr(m.args, k, v)
+        d = f = write_gguf(tmp_path / "m.gguf", m)
+    one_line_error(W.CheckpointError, lambda: W.load_model(d), str(f), match)
+
+
+@pytest.mark.parametrize("layout, value", [("hf", float("nan")), ("meta", float("inf")), ("gguf", float("nan"))])
+def test_non_finite_weights_refused_at_load(tmp_path, layout, value):
+    m = rand_model(dtype=torch.float32)
+    with torch.no_grad():
+        m.layers[1].attention.wv.weight[2, 3] = value
+    d = {"hf": lambda: write_hf(tmp_path / "hf", m), "meta": lambda: write_meta(tmp_path / "meta", m, shards=1),
+         "gguf": lambda: write_gguf(tmp_path / "m.gguf", m)}[layout]()
+    key = {"hf": "model.layers.1.self_attn.v_proj.weight", "meta": "layers.1.attention.wv.weight",
+           "gguf": "blk.1.attn_v.weight"}[layout]
+    one_line_error(W.CheckpointError, lambda: W.load_model(d), str(d), f"{key} holds NaN or inf")
+
+
+def test_adapter_config_and_tensors_checked(tmp_path):
+    """adapter_config.json's r, lora_alpha, lora_dropout and the tensors' values, each one line naming the file."""
+    m = rand_model(dtype=torch.float32)
+    M.add_lora(m, 2, 4, 0.0, ("wq", "wv"))
+    W.save_adapter(m, tmp_path)
+    good = json.loads((tmp_path / "adapter_config.json").read_text())
+    for cfg, match in [({**good, "lora_alpha": 0}, "lora_alpha = 0"), ({**good, "r": 3}, "r = 3"),
+                       ({**good, "r": True}, "r = True"), ({k: v for k, v in good.items() if k != "r"}, "no r"),
+                       ({**good, "lora_dropout": 1.0}, "lora_dropout = 1.0"), ([good], "not a JSON object")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        one_line_error(W.CheckpointError, lambda: W.load_adapter(rand_model(dtype=torch.float32), tmp_path),
+                       "adapter_config.json", match)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(good))
+    sd = W._tensors(tmp_path / "adapter_model.safetensors")
+    sd[next(iter(sd))][0, 0] = float("nan")
+    save_file(sd, tmp_path / "adapter_model.safetensors")
+    one_line_error(W.CheckpointError, lambda: W.load_adapter(rand_model(dtype=torch.float32), tmp_path),
+                   "adapter_model.safetensors", "holds NaN or inf")

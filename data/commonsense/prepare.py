@@ -107,13 +107,41 @@ def eval_prompt(instruction, input=None):
 # loading and validation
 
 
+def _loads(text, where):
+    """json.loads(text); a document nested too deeply for Python's parser is one line naming the record."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{where}: {_deep_record(text)}nested too deeply to read") from None
+
+
+def _deep_record(text, limit=200):
+    """ "record i: " for the first element of a top-level JSON list nested deeper than limit ("" if none)."""
+    depth, i, in_str, esc = 0, 0, False, False
+    for c in text:
+        if in_str:
+            in_str, esc = esc or c != '"', not esc and c == "\\"
+        elif c == '"':
+            in_str = True
+        elif c in "[{":
+            depth += 1
+            if depth > limit:
+                return f"record {i}: "
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 1:
+            i += 1
+    return ""
+
+
 def read_records(path, name=None):
     """A JSON list of records with str instruction/input/output/answer.
     Errors name the file (or `name`, e.g. the URL it came from) and the record index."""
     where = name or path
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
+        data = _loads(text, where)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(data, list):
@@ -148,10 +176,12 @@ def read_instructions(path):
                 data.append(json.loads(ln))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: record {i} (line {n}): not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}: record {i} (line {n}): nested too deeply to read") from None
         where = lambda i: f"record {i} (line {lines[i][0]})"
     else:
         try:
-            data = json.loads(text)
+            data = _loads(text, path)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); JSON Lines files must end in .jsonl") from None
         if not isinstance(data, list):
@@ -261,6 +291,8 @@ def main(argv=None):
     p.add_argument("--src", default=None, help="local copy (default: download from GitHub)")
     p.add_argument("--out", default=str(HERE))
     a = p.parse_args(argv)
+    if not a.out.strip() or a.src is not None and not a.src.strip():
+        p.error(f"--{'out' if not a.out.strip() else 'src'}: empty (expected a directory)")
     try:
         for line in prepare(a.src, a.out):
             print(line)

@@ -13,6 +13,7 @@ accuracy + F1, STS-B Pearson + Spearman, others accuracy; `score` is their mean,
     python data/glue/prepare.py --src ../shared/data/glue [--tasks cola,rte] [--out data/glue]
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]  # repo root
 # rows = official GLUE sizes (train/dev counts without the header line)
 
 _BIN = {"0": 0, "1": 1}
+MAX_FIELD = csv.field_size_limit()  # 131,072 characters: csv's limit for a TSV field, and ours for a prepared text
 TASKS = {
     "cola": dict(dir="CoLA", files={"train": "train.tsv", "dev": "dev.tsv"}, header=False,
                  text_a=3, text_b=None, label=1, label_map=_BIN,
@@ -90,9 +92,9 @@ def _read(task, split, data_dir):
     # utf-8-sig drops MRPC's BOM; newline="" lets csv see line ends; QUOTE_NONE keeps bare quotes as text
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        cols = [t["text_a"], t["text_b"], t["label"]]
+        cols, it = [t["text_a"], t["text_b"], t["label"]], _rows(rows, path)
         if t["header"]:
-            header = next(rows, [])
+            header = next(it, [])
             missing = [c for c in cols if c is not None and c not in header]
             if missing:
                 raise ValueError(f"{path}:1: header lacks column(s) {missing} (header: {header})")
@@ -100,7 +102,7 @@ def _read(task, split, data_dir):
         ia, ib, il = cols
         need = max(c for c in cols if c is not None) + 1
         records, skipped = [], 0
-        for row in rows:
+        for row in it:
             where = f"{path}:{rows.line_num}"
             if len(row) < need or (task == "qqp" and not row[il]):
                 if task == "qqp":  # broken rows of the real QQP train file: skip and count
@@ -123,14 +125,70 @@ def _read(task, split, data_dir):
     return records, skipped
 
 
+def _rows(reader, path):
+    """The rows of a csv reader; a field over csv's size limit, or text that is not UTF-8, is one line naming
+    path:line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: {e} (a GLUE text is far shorter)") from None
+        except UnicodeDecodeError as e:  # decoded by the block: find the line
+            n = next(n for n, ln in enumerate(Path(path).read_bytes().split(b"\n"), 1) if not _utf8(ln))
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason})") from None
+        yield row
+
+
+def _utf8(b):
+    try:
+        return b.decode("utf-8") is not None
+    except UnicodeDecodeError:
+        return False
+
+
+def glue_source(task, split, data_dir):
+    """The file read_glue reads: the JSONL this script's CLI writes (`<data_dir>/<task>/<split>.jsonl`) if present,
+    else the official TSV."""
+    prepared = Path(data_dir) / task / f"{split}.jsonl"
+    return prepared if task in TASKS and prepared.is_file() else glue_path(task, split, data_dir)
+
+
 def read_glue(task, split, data_dir):
     """Records {"text_a", "text_b" (None for single-sentence tasks), "label" (int; float for stsb)}: from the
     JSONL that this script's CLI writes (`<data_dir>/<task>/<split>.jsonl`) if present, else the official TSV."""
-    prepared = Path(data_dir) / task / f"{split}.jsonl"
-    if task in TASKS and prepared.is_file():
-        with open(prepared, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-    return _read(task, split, data_dir)[0]
+    path = glue_source(task, split, data_dir)
+    if path.suffix != ".jsonl":
+        return _read(task, split, data_dir)[0]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return [_check_record(task, f"{path}:{n}", line) for n, line in enumerate(lines, 1) if line.strip()]
+
+
+def _check_record(task, where, line):
+    """One prepared JSONL line as a record, or one line naming file:line and what is wrong with it."""
+    t = TASKS[task]
+    try:
+        r = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where}: not a JSON record ({type(e).__name__})") from None
+    if not isinstance(r, dict) or set(r) != {"text_a", "text_b", "label"}:
+        raise ValueError(f"{where}: expected an object with text_a, text_b, label (as prepare.py writes them)")
+    pair = t["text_b"] is not None
+    if not isinstance(r["text_a"], str) or not (isinstance(r["text_b"], str) if pair else r["text_b"] is None):
+        raise ValueError(f"{where}: text_a must be a string, text_b " + ("a string" if pair else "null"))
+    if any(len(r[k] or "") > MAX_FIELD for k in ("text_a", "text_b")):
+        raise ValueError(f"{where}: a text over {MAX_FIELD:,} characters")
+    y = r["label"]
+    ok = (type(y) in (int, float) and 0.0 <= y <= 5.0) if t["label_map"] is None else \
+        (type(y) is int and 0 <= y < t["num_labels"])
+    if not ok:
+        want = "a score in [0, 5]" if t["label_map"] is None else f"a class id in 0..{t['num_labels'] - 1}"
+        raise ValueError(f"{where}: bad label {y!r} (expected {want})")
+    return r
 
 
 # -----------------------------------------------------------------------------
@@ -194,12 +252,17 @@ def glue_metrics(task, preds, labels):
 
 
 def _write_jsonl(records, path):
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(f"{path}: cannot write it ({e.strerror})") from None
 
 
 def _balance(task, records):
@@ -223,6 +286,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "data" / "glue"))
     a = p.parse_args(argv)
     src, out = Path(a.src), Path(a.out)
+    if not a.out.strip() or out.exists() and not out.is_dir():
+        p.error(f"--out {a.out!r}: expected a directory")
     if not src.is_dir():
         p.error(f"--src {src}: not a directory")
     if a.tasks is None:
@@ -244,7 +309,10 @@ def main(argv=None):
         p.error(str(e))
     for (k, s), (records, skipped) in done.items():
         path = out / k / f"{s}.jsonl"
-        _write_jsonl(records, path)
+        try:
+            _write_jsonl(records, path)
+        except OSError as e:
+            p.error(str(e))
         official = TASKS[k]["rows"][s]
         note = "" if len(records) == official else f"  WARNING: official count is {official}"
         note += f"  (skipped {skipped} rows with missing fields)" if skipped else ""
