@@ -31,6 +31,8 @@ each log point, wall time), OUT/lr.png (final training loss against lr per metho
 validation loss), OUT/curves.png (training loss at each method's best lr: mean over seeds, min-max shaded, an EMA
 over the faint raw curve) and OUT/sweep.md (the tables, also printed).
 """
+import contextlib
+import io
 import json
 import math
 import os
@@ -43,9 +45,11 @@ from pathlib import Path
 import numpy as np
 
 import plot
+import train
 from data.glue.prepare import TASKS as GLUE_TASKS
 from reflora import METHODS
-from runstate import write_json
+from runstate import verify_checkpoint, write_json
+from weights import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
 
@@ -129,6 +133,19 @@ def parse_args(argv):
     opts["methods"] = [m.strip() for m in opts["methods"].split(",") if m.strip()]
     if opts["jobs"] < 1 or not opts["seeds"] or not opts["methods"]:
         _fail("--jobs must be >= 1 and --seeds, --methods non-empty")
+    if bad := [m for m in opts["methods"] if m not in METHODS]:
+        _fail(f"--methods: unknown {','.join(bad)} (expected {', '.join(METHODS)})")
+    if task == "glue" and opts["glue_task"] not in GLUE_TASKS:
+        _fail(f"--glue_task={opts['glue_task']}: expected one of {', '.join(GLUE_TASKS)}")
+    if bad := [s for s in opts["seeds"] if not -2 ** 63 <= s < 2 ** 63]:
+        _fail(f"--seeds: {bad[0]}: expected integers in [-2**63, 2**63)")
+    for k in ("seeds", "methods"):
+        if len(set(opts[k])) < len(opts[k]):
+            twice = next(x for x in opts[k] if opts[k].count(x) > 1)
+            _fail(f"--{k}={','.join(map(str, opts[k]))}: {k[:-1]} {twice} given twice")
+    if not opts["out"].strip() or Path(opts["out"]).is_file():
+        _fail(f"--out={opts['out']}: " + ("a file, not a directory" if opts["out"].strip() else
+                                          "empty (name a directory)"))
     if n < 1:
         _fail(f"--max_iters={n}: converge.py compares a fixed number of steps, give one >= 1")
     if opts["lrs"]:
@@ -146,7 +163,22 @@ def parse_args(argv):
         opts["lrs"] = lrs
     if task == "commonsense":
         flags.pop("glue_task", None)
+    check_flags(opts, flags)
     return opts, flags
+
+
+def check_flags(opts, flags):
+    """train.py's own checks of the flags every run gets, before any run starts: its one line, as converge.py's."""
+    task = [f"--glue_task={opts['glue_task']}"] if opts["task"] == "glue" else []
+    argv = [f"--task={opts['task']}", *task, f"--method={opts['methods'][0]}", f"--seed={opts['seeds'][0]}",
+            f"--out_dir={run_dir(opts, opts['methods'][0], opts['seeds'][0])}",
+            *(f"--{k}={v}" for k, v in flags.items())]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            train.parse_config(argv)
+    except SystemExit:
+        _fail(err.getvalue().strip().removeprefix("train.py: error: "))
 
 
 # -----------------------------------------------------------------------------
@@ -171,11 +203,16 @@ def launch(opts, flags, method, seed, threads, lr=None):
     """One train.py subprocess (stdout and stderr to out_dir/train.out); -> (method, seed, return code, seconds)."""
     d = run_dir(opts, method, seed, lr)
     d.mkdir(parents=True, exist_ok=True)
-    if (d / "state.pt").is_file():  # a checkpoint short of the end: continue it exactly
+    has = (d / "state.pt").is_file()
+    try:
+        saved = verify_checkpoint(d) if has else None
+    except CheckpointError:
+        saved = None  # damaged: start over
+    if saved is not None and saved < int(flags["max_iters"]):  # a checkpoint short of the end: continue it exactly
         extra = ["--resume=True"]
-    else:  # nothing saved: start over, without the old partial log
+    else:  # nothing saved, or a checkpoint that cannot continue (damaged, or at the end with its log cut): anew
         (d / "log.jsonl").unlink(missing_ok=True)
-        extra = []
+        extra = ["--overwrite=True"] if has else []
     task = ["--task=glue", f"--glue_task={opts['glue_task']}"] if opts["task"] == "glue" else ["--task=commonsense"]
     flags = flags if lr is None else {**flags, "lr": f"{lr:g}"}
     cmd = [sys.executable, str(ROOT / "train.py"), *task, f"--method={method}", f"--seed={seed}", f"--out_dir={d}",
@@ -231,7 +268,11 @@ def markdown(summary, at):
 
 def dev_metrics(opts, d, r, n_steps):
     """{metric: value} of a finished run: the GLUE dev metrics (glue) and the validation loss at step n_steps."""
-    ev = json.loads((d / f"eval_{opts['glue_task']}.json").read_text())["metrics"] if opts["task"] == "glue" else {}
+    f = d / f"eval_{opts['glue_task']}.json"
+    try:
+        ev = json.loads(f.read_text())["metrics"] if opts["task"] == "glue" else {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(f"{f}: cannot read ({type(e).__name__}: {e})")
     return {**ev, "val_loss": r["val"][n_steps]["val_loss"]}
 
 

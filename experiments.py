@@ -401,6 +401,12 @@ def main(argv=None):
     args.seeds = _list("seeds", args.seeds, int)
     if args.iters is not None and args.iters < 1:
         _fail(f"--iters={args.iters}: must be >= 1")
+    if args.toy_sweep and (not args.out.strip() or os.path.isfile(args.out)):
+        _fail(f"--out={args.out}: " + ("a file, not a directory" if args.out.strip() else "empty (name a directory)"))
+    for k in ("json", "png"):
+        f = getattr(args, k)
+        if f and (os.path.isdir(f) or not os.path.isdir(os.path.dirname(os.path.abspath(f)))):
+            _fail(f"--{k}={f}: expected a file path in an existing directory")
     if args.toy_sweep:
         run_toy_sweep(args)
         return 0

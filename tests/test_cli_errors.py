@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bench
+import converge
 import experiments
 import model as M
 import plot
@@ -161,6 +162,39 @@ case("commonsense-too-deep", "prepare.py", cs.main, gl(), write("src/dataset/boo
 case("commonsense-out-empty", "prepare.py", cs.main, lambda d: ["--src", str(d / "src"), "--out", ""],
      write("src/dataset/boolq/test.json", json.dumps([REC])), words="--out")
 case("commonsense-src-empty", "prepare.py", cs.main, lambda d: ["--src", "", "--out", str(d / "out")], words="--src")
+
+
+# converge.py: its own options, and train.py's checks of the flags every run gets, before any run starts
+def cv(*a):
+    return lambda d: [f"--out={d / 'out'}", *[x.replace("{d}", str(d)) for x in a]]
+
+
+for flag, words in [("--methods=dora", ("--methods", "dora")), ("--glue_task=wnli", "--glue_task=wnli"),
+                    (f"--seeds={2 ** 70}", "--seeds"), ("--seeds=0,0", ("--seeds=0,0", "twice")),
+                    ("--methods=lora,lora", "twice"), ("--bogus=1", "bogus"), ("--lr=nan", "--lr=nan"),
+                    ("--lora_r=0", "--lora_r=0"), ("--base=lion", "--base=lion")]:
+    case(f"converge-{flag[2:]}", "converge.py", converge.main, cv(flag), words=words)
+case("converge-out-empty", "converge.py", converge.main, lambda d: ["--out="], words=("--out=", "empty"))
+case("converge-out-is-file", "converge.py", converge.main, lambda d: [f"--out={d / 'f'}"], write("f", "x"),
+     words="a file")
+
+
+def finished_run(d):  # out/lora-s0 as a finished 2-step CoLA run leaves it, but its eval_cola.json cut short
+    run = d / "out" / "lora-s0"
+    run.mkdir(parents=True)
+    recs = [dict(iter=1, loss=0.7, lr=1e-3), dict(iter=2, loss=0.6, lr=1e-3), dict(iter=2, val_loss=0.6, mcc=0.1)]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run / "eval_cola.json").write_text("{")
+
+
+case("converge-eval-json-damaged", "converge.py", converge.main,
+     cv("--methods=lora", "--seeds=0", "--max_iters=2"), finished_run, words="eval_cola.json")
+
+# experiments.py
+for flag, words in [("--toy_sweep --out=", ("--out=", "empty")), ("--toy --json={d}/nope/t.json", "--json="),
+                    ("--toy --png={d}", "--png="), ("--toy_sweep --seeds=a", "--seeds")]:
+    case(f"experiments-{flag[2:].replace(' ', '-').replace('{d}', 'D')}", "experiments.py", experiments.main,
+         lambda d, f=flag: [x.replace("{d}", str(d)) for x in f.split()], words=words)
 
 
 @pytest.mark.parametrize("prog, main, argv, setup, words", CASES)
