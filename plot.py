@@ -9,8 +9,8 @@ Runs of one method (several seeds) are drawn as the mean over seeds with the min
 with --smooth=N > 1 the curves are an exponential moving average over N steps (α = 2/(N + 1)) drawn over the
 faint raw mean, the window stated in the legend.
 The x axis is optimizer steps: log.jsonl does not record the training-set size, so epochs are not derivable.
-The reading and statistics below need numpy only; matplotlib is imported when a picture is drawn, and when it is
-missing loss_png returns None and the CLI exits 2 with one line.
+The statistics below need numpy only; matplotlib is imported when a picture is drawn, and when it is missing
+loss_png returns None and the CLI exits 2 with one line.
 """
 import contextlib
 import json
@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from runstate import run_config
 
 METHODS = {"lora": ("LoRA", "C0"), "reflora": ("RefLoRA", "C3"), "reflora-s": ("RefLoRA-S", "C4")}  # paper's colors
 
@@ -75,8 +78,7 @@ def read_config(out_dir):
         if f.suffix == ".json":
             cfg = json.loads(f.read_text())
         else:
-            import torch
-            cfg = torch.load(f, map_location="cpu", weights_only=True)["config"]
+            cfg = run_config(torch.load(f, map_location="cpu", weights_only=True))
         if not isinstance(cfg, dict):
             raise TypeError("not a dict")
     except Exception as e:  # damaged JSON, a truncated zip, a refused pickle: many kinds

@@ -86,6 +86,17 @@ MANIFEST = "checkpoint.json"
 FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "state.pt", MANIFEST)
 
 
+# config keys the optimizer's state_dict saves (RefLoRA.load_state_dict checks them against the optimizer it
+# loads into): state.pt keeps them there once, and run_config() puts them back into the config
+OPTIMIZER_KEYS = dict(method="method", base="base", reflora_warmup="warmup", reflora_interval="interval")
+
+
+def run_config(st):
+    """The resolved config of a state.pt dict: its config with the optimizer's own settings (OPTIMIZER_KEYS)."""
+    meta = st.get("optimizer", {}).get("reflora", {}) if isinstance(st.get("optimizer"), dict) else {}
+    return {**st["config"], **{k: meta[m] for k, m in OPTIMIZER_KEYS.items() if m in meta}}
+
+
 def save_checkpoint(out_dir, model, lora, head, state):
     """The PEFT adapter (+ head.safetensors) and state.pt (with its own copy of the LoRA and head tensors). A write
     that fails (a full disk, an I/O error) is one line naming the file; .tmp is removed, the last checkpoint kept."""
@@ -102,7 +113,8 @@ def save_checkpoint(out_dir, model, lora, head, state):
                 save_file({k: v.contiguous() for k, v in head.items()}, tmp / name)
             name = "state.pt"
             with open(tmp / name, "wb") as f:  # a file object: torch then chains the OSError of a failed write
-                torch.save(dict(state, lora=lora, head=head), f)
+                config = {k: v for k, v in state["config"].items() if k not in OPTIMIZER_KEYS}
+                torch.save(dict(state, config=config, lora=lora, head=head), f)
             sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
             digests = {n: _sha256(tmp / n) for n in sizes}
             name = MANIFEST
@@ -217,7 +229,7 @@ def read_state(path):
         raise CheckpointError(f"{path}: iter_num = {it!r}, expected a whole number >= 0: damaged")
     if type(best) not in (int, float) or math.isnan(best):
         raise CheckpointError(f"{path}: best_val = {best!r}, expected a number: damaged")
-    return st
+    return dict(st, config=run_config(st))
 
 
 def nonfinite(tensors):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import model as M
+from runstate import read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +35,8 @@ def tiny_args(root, **kw):
 
 
 def state(out_dir):
-    return torch.load(Path(out_dir) / "state.pt", map_location="cpu", weights_only=True)
+    """out_dir/state.pt as runstate reads it (the config with the optimizer's own settings back in)."""
+    return read_state(Path(out_dir) / "state.pt")
 
 
 def records(n, seed=0):

@@ -109,6 +109,12 @@ def test_resume_is_bitwise(tmp_path):
     load_adapter(model, tmp_path / "a/out")
     for k, v in lora_state_dict(model).items():
         assert torch.equal(v, a["lora"][k]), k
+    # the optimizer's own settings are in state.pt once, in its state_dict; read back, the config is whole
+    raw = torch.load(tmp_path / "a/out/state.pt", weights_only=True)
+    meta = raw["optimizer"]["reflora"]
+    assert not {"method", "base", "reflora_warmup", "reflora_interval"} & raw["config"].keys()
+    assert (meta["method"], meta["base"], meta["warmup"], meta["interval"]) == ("reflora", "adamw", 1, 1)
+    assert a["config"] == straight
     # --eval_only on that out_dir reproduces the end-of-training evaluation
     before = (tmp_path / "a/out/eval_boolq.json").read_text()
     T.train({**straight, "eval_only": True})
