@@ -1,8 +1,8 @@
 """
-How a job is laid out over torchrun's processes: the process group and each rank's device, and FSDP2's sharding of
-the model (each block, the head, then the rest as the root). DDP (gradients all-reduced on the last micro-step
-only, so RefLoRA sees the synchronized gradients and every rank computes the same S̃) wraps the training forward in
-train.py; under FSDP2 the LoRA factors are row-sharded DTensors, RefLoRA sums its r×r Grams and norms over the
+How a job is laid out over torchrun's processes: the process group and each rank's device, FSDP2's sharding of
+the model (each block, the head, then the rest as the root), the training forward (compiled, DDP-wrapped), and the
+reductions the loop needs. DDP all-reduces gradients on the last micro-step only (train.py), so RefLoRA sees the
+synchronized gradients and every rank computes the same S̃; under FSDP2 the LoRA factors are row-sharded DTensors, RefLoRA sums its r×r Grams and norms over the
 shards (reflora.py), and state.pt holds full tensors, the same file as without sharding (runstate.py).
 
 References: nanoGPT train.py (DDP setup from torchrun's environment); PyTorch's FSDP2 `fully_shard` and
@@ -13,10 +13,16 @@ import os
 import torch
 
 
-def setup(device, backend=""):
+def setup(device, backend="", fsdp=False):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: -> (ddp, rank, world, device); device: auto | cpu | cuda[:N];
-    the process group on nccl for CUDA, gloo for CPU, unless `backend` says."""
+    the process group on nccl for CUDA, gloo for CPU, unless `backend` says. fsdp: sharding wanted (needs torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: this torch ({torch.__version__}) sees no CUDA device")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device={device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if fsdp and world == 1:
+        raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if world == 1:
         return False, 0, 1, torch.device(dev)
@@ -38,3 +44,20 @@ def shard(net, model, clf, bf16):
     if clf is not None:
         fully_shard(clf.head)  # float32, as the head computes
     fully_shard(net, mp_policy=mp)
+
+
+def wrap(net, ddp, fsdp, compile, dev):
+    """The training forward: compiled (a wrapper sharing the parameters; checkpoints read `net` itself), then DDP
+    (under FSDP the sharded modules are their own wrapper)."""
+    # dynamic shapes: one graph for every batch length (on CPU faster than padding to a few static lengths)
+    fwd = torch.compile(net, dynamic=True) if compile else net
+    if ddp and not fsdp:
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return fwd
+
+
+def reduced(t, ddp, op="sum"):
+    """t summed (op "max": its maximum) over the ranks, in place, under torchrun; t as it is in one process."""
+    if ddp:
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+    return t

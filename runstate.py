@@ -91,6 +91,13 @@ FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors",
 OPTIMIZER_KEYS = dict(method="method", base="base", reflora_warmup="warmup", reflora_interval="interval")
 
 
+def result_files(out_dir, glue_task=None):
+    """[(what, path)] of the results a finished run leaves in out_dir that exist: the adapter, the head, the eval."""
+    files = [("adapter", out_dir / "adapter_model.safetensors"), ("head", out_dir / "head.safetensors"),
+             ("eval", out_dir / (f"eval_{glue_task}.json" if glue_task else "eval.json"))]
+    return [(k, f) for k, f in files if f.is_file()]
+
+
 def run_config(st):
     """The resolved config of a state.pt dict: its config with the optimizer's own settings (OPTIMIZER_KEYS)."""
     meta = st.get("optimizer", {}).get("reflora", {}) if isinstance(st.get("optimizer"), dict) else {}
@@ -521,6 +528,15 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss: train.main() prints it as one line and exits 1."""
 
 
+def stop_if_diverged(loss, params, reduce, it, out_dir, last_saved, what="loss"):
+    """TrainingDiverged if the loss or a trainable tensor is not finite (reduce: the sum over the ranks, so that every
+    rank takes the same decision). A host sync: at log and checkpoint points only."""
+    bad = (~torch.isfinite(loss)).float() + sum((~torch.isfinite(local(p))).any().float() for p in params)
+    if reduce(bad).item():
+        good = f"{out_dir / 'state.pt'} (iter {last_saved})" if last_saved is not None else "none"
+        raise TrainingDiverged(f"non-finite {what} at or before iter {it}: stopping; last good checkpoint: {good}")
+
+
 class Interrupted(BaseException):
     """SIGINT / SIGTERM: train.main() prints one line and exits 128 + the signal number (130, 143). In the training
     loop the first one stops after the current step and saves a checkpoint; inside a write (deferred_signals) it
@@ -531,6 +547,13 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.signum, self.saved, self.run = signum, saved, None
         SIGNALS.got, SIGNALS.raised = SIGNALS.got or signum, True
+
+    def line(self):
+        """What the CLI prints: the signal, the step it stopped after, the checkpoint to continue from."""
+        r = self.run
+        what = "nothing saved" if r is None or r.last_saved is None else \
+            f"checkpoint of iter {r.last_saved} in {r.out_dir}, continue with --resume=True"
+        return f"{signal.Signals(self.signum).name}: stopped{f' after iter {r.it}' if r else ''}; {what}"
 
 
 # armed: inside the training loop; got: the first signal; raised: Interrupted raised for it; defer: writes under way;

@@ -12,11 +12,10 @@ Defaults are the plain values below; `config/<name>.py` files (`name = literal` 
 torchrun the job is data-parallel (DDP, gradients all-reduced on the last micro-step, so every rank computes the
 same S̃), or with --fsdp=True sharded by rows (FSDP2: RefLoRA sums its r×r Grams over the shards); see distributed.py.
 
-References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' commonsense recipe
-(zhangyilang/RefLoRA commonsense_reasoning/finetune.py, from LLM-Adapters); HF Trainer as they ran it:
-get_linear_schedule_with_warmup, grad-norm clip 1.0, loss averaged over the accumulation steps.
-Its one job: the config values, then the loop. The data is dataset.py's, scoring evaluate.py's, the saved state
-(state.pt, resume, out_dir rules, lock, signals) runstate.py's, pretrained weights weights.py's.
+References: nanoGPT train.py (configurator, loop, log line, DDP); the authors' commonsense recipe (zhangyilang/RefLoRA
+commonsense_reasoning/finetune.py) and HF Trainer as they ran it (linear warmup and decay, grad-norm clip 1.0, loss
+averaged over the accumulation steps). Its one job: the config values, then the loop; the data is dataset.py's,
+scoring evaluate.py's, the saved state runstate.py's, pretrained weights weights.py's.
 """
 import json
 import re
@@ -38,11 +37,12 @@ from data.commonsense.prepare import DATASETS
 from data.glue.prepare import TASKS as GLUE_TASKS
 from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm, identity, lm_batch, load_data, \
     resolve_data_dir, steps_per_epoch, train_files
+from distributed import reduced
 from evaluate import base_accuracy, evaluate_out_dir, evaluate_run, validate
 from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compute_dtype, flops_per_token, peak_flops
 from reflora import BASES, METHODS, RefLoRA, local, step_norm
-from runstate import SIGNALS, Interrupted, TrainingDiverged, claim, resume_checkpoint, save_checkpoint, \
-    signal_handlers, start_run, training_state
+from runstate import SIGNALS, Interrupted, TrainingDiverged, claim, result_files, resume_checkpoint, save_checkpoint, \
+    signal_handlers, start_run, stop_if_diverged, training_state
 from sample import MAX_BEAMS
 from weights import load_base
 
@@ -145,16 +145,9 @@ def parse_config(argv):
     check(cfg, RULES)
     if cfg["batch_size"] % cfg["micro_batch_size"]:
         fail(f"--batch_size={cfg['batch_size']} is not a multiple of --micro_batch_size={cfg['micro_batch_size']}")
-    bad = [t for t in cfg["lora_targets"] if t not in TARGETS] or ([] if cfg["lora_targets"] else ["(none)"])
-    if bad:
-        fail(f"--lora_targets: unknown {','.join(bad)} (expected names from {','.join(TARGETS)})")
-    bad = [n for n in cfg["eval_sets"] if n not in DATASETS]
-    if bad:
-        fail(f"--eval_sets: unknown {','.join(bad)} (expected names from {','.join(DATASETS)})")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device={cfg['device']}: this torch ({torch.__version__}) sees no CUDA device")
-    if cfg["device"].startswith("cuda:") and int(cfg["device"][5:]) >= torch.cuda.device_count():
-        fail(f"--device={cfg['device']}: only {torch.cuda.device_count()} CUDA device(s)")
+    for k, names in (("lora_targets", TARGETS), ("eval_sets", DATASETS)):
+        if bad := [n for n in cfg[k] if n not in names] or ([] if cfg[k] or k == "eval_sets" else ["(none)"]):
+            fail(f"--{k}: unknown {','.join(bad)} (expected names from {','.join(names)})")
     if cfg["resume"] and cfg["overwrite"]:
         fail("--resume=True and --overwrite=True: choose one")
     if not cfg["eval_only"] and cfg["max_iters"] == 0 and cfg["epochs"] == 0:
@@ -208,8 +201,7 @@ class Run:
     it: int = 0  # optimizer steps taken
     best_val: float = float("inf")
     last_saved: Optional[int] = None  # the iteration of the last checkpoint
-    # the log interval: summed loss, start time and step, real tokens, FLOPs
-    loss_sum: Any = None
+    loss_sum: Any = None  # the log interval: summed loss, start time and step, real tokens, FLOPs
     t_log: float = 0.0
     it_log: int = 0
     tokens: int = 0
@@ -226,14 +218,11 @@ class Run:
 
 
 def train(cfg):
-    """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers.
-    Everything is checked (out_dir, model, data) before anything is written; out_dir is checked and locked in one
-    step before anything slow (a second run cannot find it free in between), and stays locked while it runs."""
-    ddp, rank, world, dev = distributed.setup(cfg["device"], cfg["backend"])
+    """Finetune (then evaluate), or with eval_only just evaluate, as cfg says; -> a dict of final numbers. out_dir is
+    checked and locked in one step before anything slow, the model and data checked before anything is written."""
+    ddp, rank, world, dev = distributed.setup(cfg["device"], cfg["backend"], cfg["fsdp"] and not cfg["eval_only"])
     out_dir, log = Path(cfg["out_dir"]), (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
     log("config: " + json.dumps(cfg))
-    if cfg["fsdp"] and not ddp and not cfg["eval_only"]:
-        raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
     with claim(cfg, out_dir, master=rank == 0):
         torch.manual_seed(cfg["seed"])  # the same LoRA / head init on every rank
         model, tok, clf = build(cfg, dev, compute_dtype(cfg["dtype"], dev))
@@ -248,10 +237,8 @@ def train(cfg):
             return evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
         if rank == 0:
             start_run(out_dir, cfg["overwrite"])
-        # the base model's accuracy, cached in out_dir; a resumed run reads the first run's cache at the end instead
-        # (nothing is evaluated or written before the saved config has been checked against the flags)
-        base = base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log) if clf is None and not cfg["resume"] \
-            else None
+        # the base model's accuracy, cached in out_dir (a resume reads it at the end: nothing evaluated before its check)
+        base = None if clf or cfg["resume"] else base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log)
         r = Run(cfg, ddp, rank, world, dev, out_dir, log, model, tok, clf, train_set, val_set, data_dir, n_steps,
                 base, data)
         try:
@@ -274,7 +261,7 @@ def _train(r):
         r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
         r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
             f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
-    r.fwd = _forward(r)
+    r.fwd = distributed.wrap(r.net, r.ddp, cfg["fsdp"], cfg["compile"], r.dev)
     r.log(f"training: {len(r.train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({r.world} × {r.accum} × "
           f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']} on {cfg['base']}")
     r.logf = open(r.out_dir / "log.jsonl", "a") if r.rank == 0 else None
@@ -303,20 +290,16 @@ def _train(r):
 
 
 def _finish(r):
-    """After the loop: the benchmark of a finished commonsense run, the final line; -> dict(iter, best_val[, eval])."""
-    done, result = r.it == r.total, dict(iter=r.it, best_val=r.best_val)
-    if done and r.clf is None and (acc := evaluate_run(r.model, r.tok, r.cfg, r.data_dir, r.out_dir, r.rank, r.world,
-                                                      r.log, r.base, r.it)) is not None:
+    """After the loop: the benchmark of a finished commonsense run, then the last line: where the results are (files
+    that exist, loss.png drawn from log.jsonl), how to sample; -> dict(iter, best_val[, eval])."""
+    cfg, out_dir, log, result = r.cfg, r.out_dir, r.log, dict(iter=r.it, best_val=r.best_val)
+    if r.it == r.total and r.clf is None and (acc := evaluate_run(r.model, r.tok, cfg, r.data_dir, out_dir, r.rank,
+                                                                 r.world, log, r.base, r.it)) is not None:
         result["eval"] = acc
     if r.logf:
         r.logf.close()
-    if done and r.rank == 0:
-        _summary(r.cfg, r.out_dir, r.log)
-    return result
-
-
-def _summary(cfg, out_dir, log):
-    """The last line: where the results are (files that exist, loss.png drawn from log.jsonl), how to sample."""
+    if r.it < r.total or r.rank:
+        return result
     glue = cfg["task"] == "glue"
     try:
         if (png := plot.loss_png(out_dir)) is None:
@@ -324,10 +307,10 @@ def _summary(cfg, out_dir, log):
     except (ValueError, OSError) as e:  # a damaged log.jsonl, a full disk: the run itself is done
         png = None
         log(f"loss plot: not drawn ({e})")
-    files = [("adapter", out_dir / "adapter_model.safetensors"), ("head", out_dir / "head.safetensors"),
-             ("eval", out_dir / (f"eval_{cfg['glue_task']}.json" if glue else "eval.json")), ("loss plot", png)]
-    line = ", ".join(f"{k} {p}" for k, p in files if p is not None and Path(p).is_file())
+    files = result_files(out_dir, cfg["glue_task"] if glue else None) + ([("loss plot", png)] if png else [])
+    line = ", ".join(f"{k} {p}" for k, p in files)
     log(f"done: {line}" + ("" if glue else f"; sample from it: python sample.py --out_dir={out_dir}"))
+    return result
 
 
 def _optimizer(cfg, model, clf, total, dev):
@@ -339,15 +322,6 @@ def _optimizer(cfg, model, clf, total, dev):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: s / max(1, w) if s < w else max(0.0, (total - s) / max(1, total - w)))
     return opt, sched
-
-
-def _forward(r):
-    """The training forward: compiled (a wrapper sharing the parameters; checkpoints read `model` itself), then DDP."""
-    # dynamic shapes: one graph for every batch length (on CPU faster than padding to a few static lengths)
-    fwd = torch.compile(r.net, dynamic=True) if r.cfg["compile"] else r.net
-    if r.ddp and not r.cfg["fsdp"]:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[r.dev.index] if r.dev.type == "cuda" else None)
-    return fwd
 
 
 def _step(r):
@@ -389,8 +363,7 @@ def _log_line(r, lr, old):
     """nanoGPT's log line over the interval (a host sync): loss, lr, ms/step, tok/s, MFU, peak memory, ETA, and
     the last step in W: ‖ΔW‖_F summed over pairs (scale α/r included) and its ratio to Σ‖(α/r) A Bᵀ‖_F after it."""
     _stop_if_diverged(r, r.loss_sum)
-    if r.ddp:
-        torch.distributed.all_reduce(r.loss_sum)
+    reduced(r.loss_sum, r.ddp)
     if r.dev.type == "cuda":
         torch.cuda.synchronize(r.dev)
     n, dt = r.it - r.it_log, time.time() - r.t_log
@@ -399,8 +372,7 @@ def _log_line(r, lr, old):
     rec = dict(iter=r.it, loss=r.loss_sum.item() / n / r.world, lr=lr, ms=1000 * dt / n,
                tok_s=r.tokens * r.world / dt, mfu=r.flops / dt / r.peak if r.peak else None, mem_gb=mem / 1e9,
                eta_s=dt / n * (r.total - r.it))
-    reduce = (lambda t: (torch.distributed.all_reduce(t), t)[1]) if r.cfg["fsdp"] else None  # Grams over shards
-    dw, w = step_norm(old, _factors(r), reduce)
+    dw, w = step_norm(old, _factors(r), (lambda t: reduced(t, True)) if r.cfg["fsdp"] else None)  # shards' Grams
     scale = r.model.lora_scale()
     rec["dw"], w = dw.sum().item() * scale, w.sum().item() * scale
     rec["dw_rel"] = rec["dw"] / w if w > 0 else None  # None while A = 0
@@ -428,22 +400,13 @@ def _log_json(r, rec):
             raise OSError(f"{r.out_dir / 'log.jsonl'}: cannot write it ({e.strerror})") from None
 
 
-def _stop_if_diverged(r, loss_sum, what="loss"):
-    # a host sync: at log and checkpoint points only; every rank takes the same decision
-    bad = (~torch.isfinite(loss_sum)).float() + sum((~torch.isfinite(local(p))).any().float() for p in r.trainable)
-    if r.ddp:
-        torch.distributed.all_reduce(bad)
-    if bad.item():
-        good = f"{r.out_dir / 'state.pt'} (iter {r.last_saved})" if r.last_saved is not None else "none"
-        raise TrainingDiverged(f"non-finite {what} at or before iter {r.it}: stopping; last good checkpoint: {good}")
+def _stop_if_diverged(r, loss, what="loss"):
+    stop_if_diverged(loss, r.trainable, lambda t: reduced(t, r.ddp), r.it, r.out_dir, r.last_saved, what)
 
 
 def _stop_on_signal(r):
     """After a step: if a SIGINT / SIGTERM came (on any rank), save a checkpoint (unless this step just did), stop."""
-    got = torch.tensor(float(SIGNALS.got or 0))
-    if r.ddp:
-        torch.distributed.all_reduce(got, torch.distributed.ReduceOp.MAX)
-    if got.item():
+    if (got := reduced(torch.tensor(float(SIGNALS.got or 0)), r.ddp, "max")).item():
         if r.last_saved != r.it:
             _stop_if_diverged(r, r.loss_sum)
             _checkpoint(r, validation=False)
@@ -487,12 +450,9 @@ def main(argv=None):
             sys.exit(2)
         except (Interrupted, KeyboardInterrupt) as e:
             SIGNALS.exiting = argv is None  # the process ends: later signals are ignored to its last instruction
-            signum, r = getattr(e, "signum", signal.SIGINT), getattr(e, "run", None)
-            what = "nothing saved" if r is None or r.last_saved is None else \
-                f"checkpoint of iter {r.last_saved} in {r.out_dir}, continue with --resume=True"
-            print(f"train.py: {signal.Signals(signum).name}: stopped{f' after iter {r.it}' if r else ''}; {what}",
-                  file=sys.stderr)
-            sys.exit(128 + signum)
+            e = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+            print(f"train.py: {e.line()}", file=sys.stderr)
+            sys.exit(128 + e.signum)
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
