@@ -331,7 +331,7 @@ def _finite(x):
 # one AdamW step: the size of the step each method takes
 
 def adam_step(m=576, n=576, r=8, lr=1e-3, seed=0):
-    """Why the refactorings do little under AdamW (README, "Convergence on a real model"): one AdamW step on
+    """Why the refactorings do little under AdamW (RESULTS.md, "Convergence on a real model at one shared learning rate"): one AdamW step on
     min ½‖Y − ABᵀ‖² from the same unbalanced (A, B), ‖ΔW‖ for lora, reflora and reflora-s, against s = ‖B‖/‖A‖.
     Adam's step is about ±lr per coordinate whatever the gradient's scale, so RefLoRA's preconditioned gradient
     gives about LoRA's step, and RefLoRA-S's balance shrinks ‖ΔW‖ ≈ lr(‖ΔA‖‖B‖ + ‖A‖‖ΔB‖) by up to (1 + s)/(2√s)."""

@@ -259,7 +259,7 @@ def load_checkpoint(path, cfg, model, clf, opt, sched, may_change=()):
     for k in cfg:
         if k in saved and k not in may_change and saved[k] != cfg[k]:
             raise ValueError(f"--resume: --{k}={cfg[k]!r}, but {path} was saved with {k}={saved[k]!r}, and {k} "
-                             "cannot change on resume (README: Resume rules)")
+                             "cannot change on resume (README: Checkpoints and resume)")
     changed = {k: (saved[k], cfg[k]) for k in cfg if k in may_change and k in saved and saved[k] != cfg[k]}
     head = {} if clf is None else clf.head.state_dict()
     ours = {**lora_state_dict(model), **{"head." + k: v for k, v in head.items()}}

@@ -91,7 +91,7 @@ grad_clip = 1.0  # 0 = no clipping
 # system and logging
 log_interval = 10
 eval_interval = 0  # validation loss + checkpoint every this many steps, and at the end (0 = at the end only)
-resume = False  # continue the run in out_dir from its state.pt (README: Resume rules)
+resume = False  # continue the run in out_dir from its state.pt (README: Checkpoints and resume)
 overwrite = False  # start a new run in an out_dir that holds a checkpoint, replacing it
 eval_only = False
 seed = 42

@@ -1,4 +1,5 @@
-"""SmolLM2-135M on CPU, commonsense, with the benchmark's evaluation protocol: the recipe of README's CPU table.
+"""SmolLM2-135M on CPU, commonsense, with the benchmark's evaluation protocol: the recipe of RESULTS.md's
+commonsense table.
 
     python train.py config/smollm2_cpu.py --method=lora --max_iters=50 --eval_interval=25 --eval_limit=200
 
