@@ -10,8 +10,8 @@ commonsense language-modeling loss), the comparison of the paper's training-loss
 
 Every run is one `python train.py` subprocess, all with the same recipe (RECIPE for glue, COMMONSENSE_RECIPE with
 --benchmark=False for commonsense; the loss logged every step), the lr included but in a sweep; `--jobs` run at a
-time, each with cores/jobs threads. A run whose log already reaches max_iters with its dev evaluation (validation loss for
-commonsense) is skipped, so the command can be re-run after an interruption.
+time, each with cores/jobs threads. A run whose log already reaches max_iters with its dev evaluation (validation
+loss for commonsense) is skipped, so the command can be re-run after an interruption.
 
 One learning rate (no --lrs): OUT/<method>-s<seed> per run, then OUT/curves.json, OUT/loss.png (plot.py's overlay)
 and a markdown table of the training loss at every 10 % of the run (mean of the steps within ±5, then mean ± std

@@ -149,7 +149,8 @@ def check_against(cfg, model, tok, clf, data_dir):
     """The flags that depend on the model and the data: cutoff_len, max_new_tokens, eval_sets."""
     n = model.args.max_seq_len
     if cfg["cutoff_len"] > n:
-        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: more than the model's max_seq_len {n} ({cfg['init_from']})")
+        raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: more than the model's max_seq_len {n} "
+                         f"({cfg['init_from']})")
     if clf is None and cfg["cutoff_len"] < 2:
         raise ValueError(f"--cutoff_len={cfg['cutoff_len']}: a training example needs at least 2 tokens (the loss "
                          "predicts each token from the ones before it)")

@@ -2,8 +2,9 @@
 How a job is laid out over torchrun's processes: the process group and each rank's device, FSDP2's sharding of
 the model (each block, the head, then the rest as the root), the training forward (compiled, DDP-wrapped), and the
 reductions the loop needs. DDP all-reduces gradients on the last micro-step only (train.py), so RefLoRA sees the
-synchronized gradients and every rank computes the same S̃; under FSDP2 the LoRA factors are row-sharded DTensors, RefLoRA sums its r×r Grams and norms over the
-shards (reflora.py), and state.pt holds full tensors, the same file as without sharding (runstate.py).
+synchronized gradients and every rank computes the same S̃; under FSDP2 the LoRA factors are row-sharded
+DTensors, RefLoRA sums its r×r Grams and norms over the shards (reflora.py), and state.pt holds full tensors, the
+same file as without sharding (runstate.py).
 
 References: nanoGPT train.py (DDP setup from torchrun's environment); PyTorch's FSDP2 `fully_shard` and
 `MixedPrecisionPolicy`; gpt-fast's tp.py for keeping the layout apart from the model.
@@ -59,5 +60,6 @@ def wrap(net, ddp, fsdp, compile, dev):
 def reduced(t, ddp, op="sum"):
     """t summed (op "max": its maximum) over the ranks, in place, under torchrun; t as it is in one process."""
     if ddp:
-        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
+        op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(t, op)
     return t

@@ -331,8 +331,9 @@ def _finite(x):
 # one AdamW step: the size of the step each method takes
 
 def adam_step(m=576, n=576, r=8, lr=1e-3, seed=0):
-    """Why the refactorings do little under AdamW (RESULTS.md, "Convergence on a real model at one shared learning rate"): one AdamW step on
-    min ½‖Y − ABᵀ‖² from the same unbalanced (A, B), ‖ΔW‖ for lora, reflora and reflora-s, against s = ‖B‖/‖A‖.
+    """Why the refactorings change the step under AdamW (RESULTS.md, "One AdamW step from unbalanced factors"):
+    one AdamW step on min ½‖Y − ABᵀ‖² from the same unbalanced (A, B), ‖ΔW‖ for lora, reflora and reflora-s,
+    against s = ‖B‖/‖A‖.
     Adam's step is about ±lr per coordinate whatever the gradient's scale, so RefLoRA's preconditioned gradient
     gives about LoRA's step, and RefLoRA-S's balance shrinks ‖ΔW‖ ≈ lr(‖ΔA‖‖B‖ + ‖A‖‖ΔB‖) by up to (1 + s)/(2√s)."""
     g = torch.Generator().manual_seed(seed)
@@ -349,7 +350,8 @@ def adam_step(m=576, n=576, r=8, lr=1e-3, seed=0):
         s = reflora.optimal_s(A0, B0).item()
         rows.append(dict(s=s, bound=(1 + s) / (2 * s ** 0.5), **dW))
         print(f"s = {s:7.1f}   (1+s)/(2√s) = {rows[-1]['bound']:5.1f}   ‖ΔW‖  lora {dW['lora']:.2e}   reflora "
-              f"{dW['reflora']:.2e}   reflora-s {dW['reflora-s']:.2e}   lora / reflora-s {dW['lora'] / dW['reflora-s']:.1f}")
+              f"{dW['reflora']:.2e}   reflora-s {dW['reflora-s']:.2e}   "
+              f"lora / reflora-s {dW['lora'] / dW['reflora-s']:.1f}")
     return rows
 
 

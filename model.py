@@ -362,7 +362,8 @@ def compute_dtype(name, dev):
 def autocast(model):
     """bf16 autocast when the frozen base is bf16 (CUDA and CPU): matmuls in bf16, LoRA factors and loss float32."""
     p = next(model.parameters())
-    return torch.autocast(p.device.type, dtype=torch.bfloat16) if p.dtype == torch.bfloat16 else contextlib.nullcontext()
+    bf16 = p.dtype == torch.bfloat16
+    return torch.autocast(p.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12,

@@ -23,7 +23,8 @@ LLAMA3_SPECIALS = [
     "<|reserved_special_token_2|>", "<|reserved_special_token_3|>", "<|start_header_id|>",
     "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>",  # end of turn
 ] + [f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)]
-LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # GPT-2's regex, as HF's ByteLevel pre-tokenizer uses it
 GPT2_PAT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 # HF Sequence[Digits(individual_digits), ByteLevel] as ONE regex: each digit alone, GPT-2 on the text between.
@@ -201,7 +202,8 @@ def _from_gguf(path):
         raise ValueError(f"tokenizer.ggml.pre {pre!r} not supported (known: {sorted(pretok)})")
     # token_type 3 = control (HF special added token), 4 = user defined (HF non-special added token)
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": ty == 4, "special": ty == 3} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
+              "normalized": ty == 4, "special": ty == 3}
+             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
     tj = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": pretok[pre],

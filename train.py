@@ -237,7 +237,7 @@ def train(cfg):
             return evaluate_out_dir(cfg, model, tok, clf, data_dir, out_dir, rank, world, log, val_set)
         if rank == 0:
             start_run(out_dir, cfg["overwrite"])
-        # the base model's accuracy, cached in out_dir (a resume reads it at the end: nothing evaluated before its check)
+        # the base model's accuracy, cached in out_dir (a resume reads it at the end: nothing scored before its check)
         base = None if clf or cfg["resume"] else base_accuracy(cfg, model, tok, data_dir, out_dir, rank, world, log)
         r = Run(cfg, ddp, rank, world, dev, out_dir, log, model, tok, clf, train_set, val_set, data_dir, n_steps,
                 base, data)
@@ -382,8 +382,9 @@ def _log_line(r, lr, old):
     # the last refactoring (RefLoRA, RefLoRA-S): pairs exact / scalar fallback / left alone, balance residual, s
     rec["refactor"] = st = r.opt.stats()
     ref = "" if not st else (f", refactor {st['exact']:.0f}/{st['fallback']:.0f}/{st['alone']:.0f} resid "
-                             f"{st['residual']:.0e}" + (f" s {st['s_median']:.2g} [{st['s_min']:.2g}, {st['s_max']:.2g}]"
-                                                         if "s_median" in st else ""))
+                             f"{st['residual']:.0e}")
+    if "s_median" in st:
+        ref += f" s {st['s_median']:.2g} [{st['s_min']:.2g}, {st['s_max']:.2g}]"
     r.log(f"iter {r.it}: loss {rec['loss']:.4f}, lr {lr:.1e}, {rec['ms']:.0f} ms, {tps} tok/s, mfu {mfu}, "
           f"mem {rec['mem_gb']:.1f} GB, eta {hms(rec['eta_s'])}, ‖ΔW‖ {rec['dw']:.2e} ({rel} × ‖(α/r)ABᵀ‖){ref}")
     _log_json(r, rec)

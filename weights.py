@@ -41,18 +41,18 @@ from tokenizer import load_tokenizer, tokenizer_json_from_gguf
 
 # Meta name                            Hugging Face name                                   GGUF name
 KEYS = [
-    ("tok_embeddings.weight",            "model.embed_tokens.weight",                        "token_embd.weight"),
-    ("norm.weight",                      "model.norm.weight",                                "output_norm.weight"),
-    ("output.weight",                    "lm_head.weight",                                   "output.weight"),
-    ("layers.{}.attention.wq.weight",    "model.layers.{}.self_attn.q_proj.weight",          "blk.{}.attn_q.weight"),
-    ("layers.{}.attention.wk.weight",    "model.layers.{}.self_attn.k_proj.weight",          "blk.{}.attn_k.weight"),
-    ("layers.{}.attention.wv.weight",    "model.layers.{}.self_attn.v_proj.weight",          "blk.{}.attn_v.weight"),
-    ("layers.{}.attention.wo.weight",    "model.layers.{}.self_attn.o_proj.weight",          "blk.{}.attn_output.weight"),
-    ("layers.{}.feed_forward.w1.weight", "model.layers.{}.mlp.gate_proj.weight",             "blk.{}.ffn_gate.weight"),
-    ("layers.{}.feed_forward.w2.weight", "model.layers.{}.mlp.down_proj.weight",             "blk.{}.ffn_down.weight"),
-    ("layers.{}.feed_forward.w3.weight", "model.layers.{}.mlp.up_proj.weight",               "blk.{}.ffn_up.weight"),
-    ("layers.{}.attention_norm.weight",  "model.layers.{}.input_layernorm.weight",           "blk.{}.attn_norm.weight"),
-    ("layers.{}.ffn_norm.weight",        "model.layers.{}.post_attention_layernorm.weight",  "blk.{}.ffn_norm.weight"),
+    ("tok_embeddings.weight",            "model.embed_tokens.weight",               "token_embd.weight"),
+    ("norm.weight",                      "model.norm.weight",                       "output_norm.weight"),
+    ("output.weight",                    "lm_head.weight",                          "output.weight"),
+    ("layers.{}.attention.wq.weight",    "model.layers.{}.self_attn.q_proj.weight", "blk.{}.attn_q.weight"),
+    ("layers.{}.attention.wk.weight",    "model.layers.{}.self_attn.k_proj.weight", "blk.{}.attn_k.weight"),
+    ("layers.{}.attention.wv.weight",    "model.layers.{}.self_attn.v_proj.weight", "blk.{}.attn_v.weight"),
+    ("layers.{}.attention.wo.weight",    "model.layers.{}.self_attn.o_proj.weight", "blk.{}.attn_output.weight"),
+    ("layers.{}.feed_forward.w1.weight", "model.layers.{}.mlp.gate_proj.weight",    "blk.{}.ffn_gate.weight"),
+    ("layers.{}.feed_forward.w2.weight", "model.layers.{}.mlp.down_proj.weight",    "blk.{}.ffn_down.weight"),
+    ("layers.{}.feed_forward.w3.weight", "model.layers.{}.mlp.up_proj.weight",      "blk.{}.ffn_up.weight"),
+    ("layers.{}.attention_norm.weight",  "model.layers.{}.input_layernorm.weight",  "blk.{}.attn_norm.weight"),
+    ("layers.{}.ffn_norm.weight",        "model.layers.{}.post_attention_layernorm.weight", "blk.{}.ffn_norm.weight"),
 ]
 SKIP = {"rope.freqs", "model.layers.{}.self_attn.rotary_emb.inv_freq"}  # RoPE tables: recomputed, not loaded
 # ModelArgs field       Hugging Face config.json     GGUF metadata (llama.*)
@@ -280,7 +280,8 @@ def load_model(path_or_name, dtype=None, device=None):
     if diff := [f"{what} keys {[name(k) for k in sorted(ks)]}" for what, ks in
                 (("missing", set(want) - set(sd)), ("unexpected", set(sd) - set(want))) if ks]:
         raise CheckpointError(f"{p}: {', '.join(diff)}")
-    if bad := [f"{name(k)} {tuple(sd[k].shape)} != {tuple(w.shape)}" for k, w in want.items() if sd[k].shape != w.shape]:
+    if bad := [f"{name(k)} {tuple(sd[k].shape)} != {tuple(w.shape)}"
+               for k, w in want.items() if sd[k].shape != w.shape]:
         raise CheckpointError(f"{p}: shapes that do not fit its config: {', '.join(bad[:4])}")
     dtype = dtype or emb.dtype
     for k, t in sd.items():  # one tensor at a time, straight to the requested dtype and device

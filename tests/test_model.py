@@ -28,7 +28,8 @@ def test_presets_and_params_json():
         assert (a.hidden_dim, a.n_kv_heads) == (hidden, kv)
     assert M.ModelArgs.from_name("tiny").vocab_size >= 259
     # LLaMA-2-7B's params.json as Meta ships it loads as-is
-    a = M.ModelArgs(**{"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1})
+    a = M.ModelArgs(**{"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05,
+                       "vocab_size": -1})
     assert a.hidden_dim == 11008 and a.head_dim == 128
     with pytest.raises(ValueError, match="unknown model preset 'llama-70b'"):
         M.ModelArgs.from_name("llama-70b")
@@ -131,7 +132,8 @@ def test_lora_init_zero_start_and_trainables():
     torch.testing.assert_close(logits(m, TOKENS), base, rtol=0, atol=0)  # A = 0
     pairs = m.lora_pairs()
     assert len(pairs) == 2 * 5
-    assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.named_parameters() if n[-2:] in (".A", ".B")}
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in m.named_parameters() if n[-2:] in (".A", ".B")}
     assert "layers.0.attention.wq.weight" in m.state_dict() and "layers.0.attention.wq.A" in m.state_dict()
     assert set(M.lora_state_dict(m)) == {k for k in m.state_dict() if k[-2:] in (".A", ".B")}
     assert not isinstance(m.layers[0].attention.wo, M.LoRALinear)

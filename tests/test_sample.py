@@ -127,7 +127,8 @@ def naive_beam(m, prompt, n, eos, nb):
     beams, hyps = [(0.0, [])], []
     for t in range(n):
         cands = sorted(((s + lp, seq, tok) for s, seq in beams
-                        for tok, lp in enumerate(logits(m, torch.tensor([prompt + seq]))[0, -1].log_softmax(-1).tolist())),
+                        for tok, lp in enumerate(
+                            logits(m, torch.tensor([prompt + seq]))[0, -1].log_softmax(-1).tolist())),
                        key=lambda c: -c[0])[: 2 * nb]
         beams = []
         for rank, (s, seq, tok) in enumerate(cands):

@@ -134,7 +134,8 @@ def llama3():
 
 def test_llama3_known_ids(llama3):
     # reference ids from Meta's tokenizer (shared/tokenizers/README.md)
-    assert llama3.encode("This is a test sentence.", bos=True, eos=True) == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    ids = llama3.encode("This is a test sentence.", bos=True, eos=True)
+    assert ids == [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert (llama3.bos_id, llama3.eos_id, llama3.n_words) == (128000, 128001, 128256)
     # Meta's order: eot 128009, headers 128006/7, reserved_4 at 128008, reserved_250 last
     for text, i in [("<|eot_id|>", 128009), ("<|start_header_id|>", 128006), ("<|end_header_id|>", 128007),

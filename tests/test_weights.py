@@ -218,11 +218,13 @@ def test_bad_checkpoints(tmp_path):
     save_file(part, d / "model.safetensors")
     one_line_error(ValueError, lambda: W.load_model(d), str(d), "missing keys", "model.layers.1.mlp.up_proj.weight")
     save_file({**sd, "model.layers.0.self_attn.qkv_proj.weight": torch.zeros(3)}, d / "model.safetensors")
-    one_line_error(ValueError, lambda: W.load_model(d), "model.safetensors", "unexpected key model.layers.0.self_attn.qkv_proj.weight")
+    one_line_error(ValueError, lambda: W.load_model(d), "model.safetensors",
+                   "unexpected key model.layers.0.self_attn.qkv_proj.weight")
     # wrong shapes for the config
     save_file(sd, d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(hf_config(small_args(hidden_dim=112))))
-    one_line_error(ValueError, lambda: W.load_model(d), str(d), "model.layers.0.mlp.gate_proj.weight (96, 32) != (112, 32)")
+    one_line_error(ValueError, lambda: W.load_model(d), str(d),
+                   "model.layers.0.mlp.gate_proj.weight (96, 32) != (112, 32)")
     # corrupt JSON, truncated safetensors, truncated GGUF
     (d / "config.json").write_text('{"model_type": "llama", ')
     one_line_error(ValueError, lambda: W.load_model(d), "config.json")
