@@ -21,17 +21,24 @@ import gc
 import json
 import os
 import platform
+import random
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 import model as M
 import reflora
-from runstate import atomic_write
+import weights as W
+from runstate import atomic_write, read_state
 from sample import MAX_BEAMS, generate
 
 # -----------------------------------------------------------------------------
@@ -314,6 +321,138 @@ def bench_generate(args):
 
 
 # -----------------------------------------------------------------------------
+# train.py's own loop, as subprocesses: a random-weight Hugging Face checkpoint and synthetic data in a temp dir
+
+
+def write_inputs(d, name, dtype, seq_len, n_test):
+    """d/ckpt (random weights, HF names and q/k rows), d/fixed.jsonl (every example longer than seq_len: cut to
+    it), d/varied.jsonl (lengths differ: length-grouped batches), d/data/dataset/boolq/test.json."""
+    torch.manual_seed(0)
+    m = M.Transformer(M.ModelArgs.from_name(name))
+    a, sd = m.args, {}
+    for k, t in m.state_dict().items():
+        if not (k == "output.weight" and a.tie_word_embeddings):
+            n = a.n_heads if ".wq." in k else a.n_kv_heads if ".wk." in k else 0
+            sd[W.rename(k, W.META, W.HF)] = (W.permute_qk(t, n, to_hf=True) if n else t).to(dtype).contiguous()
+    (d / "ckpt").mkdir(parents=True)
+    save_file(sd, d / "ckpt/model.safetensors")
+    (d / "ckpt/config.json").write_text(json.dumps(dict(model_type="llama", **{h: getattr(a, f) for f, h, _ in W.CONFIG})))
+    rng = random.Random(0)
+    rec = lambda n: dict(instruction="".join(rng.choices("abcdefghij ", k=n)), input="",  # noqa: E731
+                         output=(ans := rng.choice(("true", "false"))), answer=ans)
+    for f, lo, hi in (("fixed", seq_len, seq_len), ("varied", 1, max(1, seq_len // 2))):
+        (d / f"{f}.jsonl").write_text("".join(json.dumps(rec(rng.randint(lo, hi))) + "\n" for _ in range(64)))
+    (d / "data/dataset/boolq").mkdir(parents=True)
+    (d / "data/dataset/boolq/test.json").write_text(json.dumps([rec(rng.randint(1, 8)) for _ in range(n_test)]))
+
+
+def trainpy(flags, out, deadline, nproc=0):
+    """train.py (under torchrun when nproc) with --name=value flags into out_dir `out`: -> (log.jsonl records, s)."""
+    run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *run, "train.py", *(f"--{k}={v}" for k, v in {**flags, "out_dir": out}.items())]
+    t0, left = time.perf_counter(), deadline - time.perf_counter()
+    try:
+        r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                           timeout=max(1.0, left))
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"train.py {out.name}: over the time budget ({left:.0f} s left)") from None
+    if r.returncode:
+        print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
+        raise RuntimeError(f"train.py {out.name}: exit {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
+    log_f = out / "log.jsonl"
+    return [json.loads(x) for x in log_f.read_text().splitlines()] if log_f.exists() else [], time.perf_counter() - t0
+
+
+def diffs(a, b, after=0):
+    """Two out_dirs: (max over the LoRA tensors of state.pt of ‖a − b‖ / ‖b‖, max |Δ loss| of log.jsonl's steps
+    after `after`)."""
+    sa, sb = (read_state(d / "state.pt")["lora"] for d in (a, b))
+    la, lb = ([x["loss"] for x in map(json.loads, (d / "log.jsonl").read_text().splitlines())
+               if "loss" in x and x["iter"] > after] for d in (a, b))
+    assert len(la) == len(lb) > 0, (la, lb)
+    return (max(((sa[k].double() - sb[k].double()).norm() / sb[k].double().norm()).item() for k in sb),
+            max(abs(x - y) for x, y in zip(la, lb)))
+
+
+class Runs:
+    """The train.py parts' shared inputs (written once) and reference run: the uninterrupted one on varied.jsonl."""
+
+    def __init__(self, args, device, dtype, d, deadline):
+        self.args, self.cuda, self.dtype, self.d, self.deadline = args, device.type == "cuda", dtype, d, deadline
+        self.name = "tiny" if args.model == "tiny" else "smollm2-135m"
+        self.n_test = 32 if self.cuda else 4
+        self.flags = dict(init_from=d / "ckpt", tokenizer="bytes", data_dir=d / "data", device=args.device,
+                          dtype=str(dtype).removeprefix("torch."), compile=args.compile, lora_r=args.rank,
+                          lora_alpha=2 * args.rank, lora_dropout=0.0, method="reflora", reflora_warmup=1,
+                          warmup_steps=2, val_set_size=8, eval_base=False, benchmark=False)
+        # the reference: dropout (generators across the resume), accumulation, length-grouped batches
+        self.ref = dict(self.flags, data_path=d / "varied.jsonl", lora_dropout=0.1, batch_size=4, micro_batch_size=2,
+                        max_iters=6, log_interval=1)
+        self.done = set()
+
+    def straight(self, out="straight"):
+        """The inputs written once; the reference run into d/out once (out None: the inputs only); -> d/out."""
+        if not self.done:
+            write_inputs(self.d, self.name, self.dtype, self.args.seq_len, self.n_test)
+            self.done.add(None)
+        if out not in self.done:
+            trainpy(self.ref, self.d / out, self.deadline)
+            self.done.add(out)
+        return out and self.d / out
+
+
+def suite_loop(r, device):
+    """train.py's step (its log's ms: fixed-length batches of the suite's shapes, no accumulation, reflora) beside
+    the suite's own train_steps on the same shapes: the loop's own cost."""
+    a, B, T = r.args, r.args.batch_size or 8, r.args.seq_len
+    r.straight(None)
+    n = 2 + max(a.iters, 2)  # log records of 5 steps; the first 2 (compilation, warm-up) left out
+    recs, wall = trainpy(dict(r.flags, data_path=r.d / "fixed.jsonl", cutoff_len=T, batch_size=B, micro_batch_size=B,
+                              max_iters=5 * n, log_interval=5), r.d / "loop", r.deadline)
+    ms = statistics.median([x["ms"] for x in recs if "ms" in x][2:])
+    x = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    model = build(r.name, device, r.dtype, a.rank)
+    own = train_steps(model, x[:, :-1], x[:, 1:], r.dtype, a.compile, a.warmup, a.iters)["methods"]["reflora"]
+    return dict(model=r.name, batch_size=B, seq_len=T, steps=5 * n, wall_s=wall, trainpy_ms=ms,
+                suite_ms=own["step_ms"], loop_overhead_pct=100 * (ms / own["step_ms"] - 1))
+
+
+def suite_resume(r):
+    """Stop at step 3 (checkpoint), resume to 6: against the uninterrupted run. CPU: bitwise. CUDA: within 10× the
+    difference of two uninterrupted runs (atomics in attention's backward make a GPU run differ from itself)."""
+    trainpy(dict(r.ref, stop_iter=3), r.d / "half", r.deadline)
+    trainpy(dict(r.ref, resume=True), r.d / "half", r.deadline)
+    res = dict(zip(("lora_rel_diff", "loss_diff"), diffs(r.d / "half", r.straight(), after=3)))
+    noise = diffs(r.straight("again"), r.straight()) if r.cuda else (0.0, 0.0)
+    return dict(res, steps=6, resumed_at=3, noise_lora=noise[0], noise_loss=noise[1])
+
+
+def suite_eval(r):
+    """--eval_only on the reference run's adapter, greedy and beam search, batched and one example at a time (the
+    reference: batched = one by one). float32: under bf16 padding changes logits, and random weights tie often."""
+    out, res = r.straight(), {}
+    for beams in (1, r.args.beams):
+        outs = {}
+        for bs in (r.n_test, 1):
+            _, res[f"b{beams}_bs{bs}_s"] = trainpy(dict(r.ref, eval_only=True, num_beams=beams, eval_batch_size=bs,
+                                                        dtype="float32", max_new_tokens=r.args.new_tokens, eval_limit=0),
+                                                   out, r.deadline)
+            outs[bs] = json.loads((out / "eval_boolq.json").read_text())["outputs"]
+        assert len(outs[1]) == r.n_test, f"{len(outs[1])} outputs of {r.n_test} examples"
+        res[f"b{beams}_agree"] = sum(x == y for x, y in zip(*outs.values())) / r.n_test
+    return dict(res, examples=r.n_test, beams=r.args.beams)
+
+
+def suite_dist(r, fsdp):
+    """torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on CPU): DDP, or FSDP2 (DTensor factors, the Grams
+    all-reduced), against the uninterrupted single-process run."""
+    out = r.d / ("fsdp" if fsdp else "ddp")
+    recs, wall = trainpy(dict(r.ref, fsdp=fsdp), out, r.deadline, nproc=1)
+    return dict(zip(("lora_rel_diff", "loss_diff"), diffs(out, r.straight())), wall_s=wall,
+                steps=max(x["iter"] for x in recs if "loss" in x))
+
+
+# -----------------------------------------------------------------------------
 # the suite: every GPU number the README promises, in one command, each part on its own
 
 
@@ -478,6 +617,9 @@ def suite_refactor(args, device, deadline):
                 compile_error=err)
 
 
+DIST_TOL = {"torchrun DDP": 0.0, "torchrun FSDP2": 1e-2}  # FSDP2 under bf16 gathers the LoRA factors in bf16
+
+
 def verdict(value, target, at_most=True, unit=""):
     if value is None:
         return "n/a"
@@ -524,6 +666,28 @@ def summary(out):
         row(p, "batched examples/s", g["batched"], ".2f")
         row(p, "one by one examples/s", g["one_by_one"], ".2f")
         row(p, "batched / one by one", g["ratio"], ".1f", 10, False, "×")
+    lp, cuda = out["parts"].get("train.py loop", {}), out["versions"]["device"].startswith("cuda")
+    if "trainpy_ms" in lp:
+        p = f"train.py {lp['model']} b{lp['batch_size']}×{lp['seq_len']} reflora"
+        row(p, "train.py step (its log.jsonl)", lp["trainpy_ms"], ".1f", unit=" ms")
+        row(p, "the suite's own step (train_steps)", lp["suite_ms"], ".1f", unit=" ms")
+        row(p, "train.py's loop over the suite's step", lp["loop_overhead_pct"], "+.2f", 5, unit=" %")
+    if "lora_rel_diff" in (rs := out["parts"].get("train.py resume", {})):
+        p = "train.py resume at step 3 of 6 vs uninterrupted" + (" (target: 10× run-to-run)" if cuda else "")
+        row(p, "adapter rel. diff", rs["lora_rel_diff"], ".1e", 10 * rs["noise_lora"])
+        row(p, "loss max abs. diff, steps 4-6", rs["loss_diff"], ".1e", 10 * rs["noise_loss"])
+    if "b1_agree" in (e := out["parts"].get("train.py eval_only", {})):
+        p = f"train.py --eval_only {e['examples']} examples, float32"
+        for b in (1, e["beams"]):
+            row(p, f"{'greedy' if b == 1 else f'{b} beams'}: batched = one by one (share)", e[f"b{b}_agree"], ".2f",
+                1, False)
+            row(p, f"{'greedy' if b == 1 else f'{b} beams'}: batched / one by one, process s",
+                e[f"b{b}_bs{e['examples']}_s"] / e[f"b{b}_bs1_s"], ".2f")
+    for name in ("torchrun DDP", "torchrun FSDP2"):
+        if "lora_rel_diff" in (dd := out["parts"].get(name, {})):
+            p = f"{name} nproc 1 vs one process, {dd['steps']} steps"
+            row(p, "adapter rel. diff", dd["lora_rel_diff"], ".1e", DIST_TOL[name])
+            row(p, "loss max abs. diff", dd["loss_diff"], ".1e")
     f = out["parts"].get("refactor", {})
     if "ms" in f:
         p = f"refactor {f['pairs']} pairs r={f['rank']}"
@@ -555,14 +719,21 @@ def suite(args):
     out = dict(versions=header(device), config=vars(args), parts={})
     deadline = _T0 + args.budget
     batches = [args.batch_size] if args.batch_size else [64, 48, 40, 32, 24, 16, 8, 4, 2, 1]
-    # cheap parts first; the training step leaves ~100 s for the refactor step after it
-    parts = [("S_check", lambda: check_S(device)),
-             ("step_check", lambda: check_steps(device, args.compile)),
-             ("generate", lambda: suite_generate(args, device, dtype)),
-             ("train", lambda: suite_train(args, device, dtype, batches, deadline - 100)),
-             ("refactor", lambda: suite_refactor(args, device, deadline))]
-    for name, fn in parts:
-        if time.perf_counter() > deadline:
+    tmp = tempfile.mkdtemp(prefix="reflora-suite-")  # train.py's checkpoint, data and out_dirs
+    # cheap parts first; train.py's runs leave ~200 s, the training step ~100 s for the refactor step after it
+    r = Runs(args, device, dtype, Path(tmp), deadline - 200)
+    parts = [("S_check", deadline, lambda: check_S(device)),
+             ("step_check", deadline, lambda: check_steps(device, args.compile)),
+             ("generate", deadline, lambda: suite_generate(args, device, dtype)),
+             ("train.py loop", r.deadline, lambda: suite_loop(r, device)),
+             ("train.py resume", r.deadline, lambda: suite_resume(r)),
+             ("train.py eval_only", r.deadline, lambda: suite_eval(r)),
+             ("torchrun DDP", r.deadline, lambda: suite_dist(r, False)),
+             ("torchrun FSDP2", r.deadline, lambda: suite_dist(r, True)),
+             ("train", deadline, lambda: suite_train(args, device, dtype, batches, deadline - 100)),
+             ("refactor", deadline, lambda: suite_refactor(args, device, deadline))]
+    for name, part_deadline, fn in parts:
+        if time.perf_counter() > part_deadline:
             out["parts"][name] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
             log(f"--- {name}: skipped, time budget of {args.budget:.0f} s spent")
             continue
@@ -575,6 +746,7 @@ def suite(args):
             log(f"--- {name}: failed: {out['parts'][name]['error']}")
         free(device)
         torch._dynamo.reset()  # each part compiles afresh: no shapes left over to make the next compile dynamic
+    shutil.rmtree(tmp, ignore_errors=True)
     out["elapsed_s"] = time.perf_counter() - _T0
     rows, out["targets"] = summary(out)
     out["markdown"] = markdown(rows)
