@@ -242,7 +242,8 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     fpt, peak = f0 + f1 * T, M.peak_flops(device) if dtype != torch.float32 else None  # float32: no MFU
     res = dict(batch_size=B, seq_len=T, dtype=str(dtype).removeprefix("torch."), compile=compile, iters=iters,
                first_step_s=first_s, warmup_s=warmup_s,
-               loss_eager=loss_eager, loss_compiled=loss_fwd, loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager),
+               loss_eager=loss_eager, loss_compiled=loss_fwd,  # compile off: the same forward twice, no check
+               loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager) if compile else None,
                methods={})
     print(f"batch {B} × seq {T}, {res['dtype']}, compile={compile}, {iters} timed steps per method (medians)")
     print(f"{'method':10s} {'step ms':>9s} {'opt ms':>8s} {'tok/s':>9s} {'mfu':>6s} {'peak MB':>9s}")
@@ -466,11 +467,13 @@ def factors(device, k, r, seed=0):
 
 
 def check_S(device, r=32, k=32):
-    """S̃ of k pairs at once (one batched eigh; on CUDA a Jacobi solver for small r) in float32 on the device and
-    on the CPU, against float64 on the CPU: S̃'s relative error and the balance residual (max over pairs)."""
+    """S̃ of k pairs of float32 factors at once on the device and on the CPU, against Thm 3's closed form in float64
+    on the CPU: S̃'s relative error and the balance residual (max over pairs)."""
     A, B = factors(device, k, r)
     Ga, Gb = A.double().mT @ A.double(), B.double().mT @ B.double()
-    ref = reflora.optimal_S(A.double(), B.double())
+    pw = lambda G, p: (lambda lam, V: (V * lam.pow(p).unsqueeze(-2)) @ V.mT)(*torch.linalg.eigh(G))  # noqa: E731
+    # Thm 3 in float64 by eigh, independently of reflora.py: S̃ = Ga^{-1/2} (Ga^{1/2} Gb Ga^{1/2})^{1/2} Ga^{-1/2}
+    ref = pw(Ga, -0.5) @ pw(pw(Ga, 0.5) @ Gb @ pw(Ga, 0.5), 0.5) @ pw(Ga, -0.5)
     rel = lambda x, y: (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).max().item()
 
     def errors(S):  # Thm 3: S̃ AᵀA S̃ = BᵀB (ÃᵀÃ = B̃ᵀB̃), the residual in float64; and S̃'s error
@@ -486,8 +489,8 @@ def check_S(device, r=32, k=32):
 
 
 def check_steps(device, compile, r=32):
-    """One RefLoRA and one RefLoRA-S step (AdamW base; on the device compiled if compile) from the same factors
-    and gradients as on the CPU (eager): relative error of the update p_after - p_before, the sensitive measure."""
+    """One RefLoRA and one RefLoRA-S step (AdamW base) in float32 on the device (compiled if compile) against the
+    same step in float64 on the CPU: relative error of the update p_after - p_before, the sensitive measure."""
     A, B = factors(device, 2, r, seed=1)
     init = [(A[0], B[0]), (B[0], B[1]), (B[1], A[1])]  # (m, n), (n, n), (n, m) pairs
     init = [(0.02 * a, 0.02 * b) for a, b in init]
@@ -496,15 +499,15 @@ def check_steps(device, compile, r=32):
     res = {}
     for method in ("reflora", "reflora-s"):
         new = []
-        for i, dev in enumerate((torch.device("cpu"), device)):
-            pairs = [tuple(torch.nn.Parameter(t.to(dev, copy=True)) for t in ab) for ab in init]  # init unchanged
+        for i, (dev, dt) in enumerate(((torch.device("cpu"), torch.float64), (device, torch.float32))):
+            pairs = [tuple(torch.nn.Parameter(t.to(dev, dt, copy=True)) for t in ab) for ab in init]  # init unchanged
             opt = reflora.RefLoRA(pairs, method=method, lr=1e-3, warmup=0, compile=compile and i == 1)
             for ab, gab in zip(pairs, grads):
                 for p, gr in zip(ab, gab):
-                    p.grad = gr.to(dev, copy=True)
+                    p.grad = gr.to(dev, dt, copy=True)
             opt.step()
-            new.append([p.detach().cpu() for ab in pairs for p in ab])
-        old = [p for ab in init for p in ab]
+            new.append([p.detach().cpu().double() for ab in pairs for p in ab])
+        old = [p.double() for ab in init for p in ab]
         res[f"{method}_step_rel_err"] = max(((d - c).norm() / (c - o).norm()).item()
                                             for c, d, o in zip(new[0], new[1], old))
     log("step check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
@@ -617,9 +620,6 @@ def suite_refactor(args, device, deadline):
                 compile_error=err)
 
 
-DIST_TOL = {"torchrun DDP": 0.0, "torchrun FSDP2": 1e-2}  # FSDP2 under bf16 gathers the LoRA factors in bf16
-
-
 def verdict(value, target, at_most=True, unit=""):
     if value is None:
         return "n/a"
@@ -683,10 +683,13 @@ def summary(out):
                 1, False)
             row(p, f"{'greedy' if b == 1 else f'{b} beams'}: batched / one by one, process s",
                 e[f"b{b}_bs{e['examples']}_s"] / e[f"b{b}_bs1_s"], ".2f")
-    for name in ("torchrun DDP", "torchrun FSDP2"):
+    # one process is the reference: CPU bitwise; CUDA within 10× its run-to-run difference; FSDP2 under bf16 also
+    # gathers the LoRA factors in bf16 (autocast keeps float32 masters, and casts only the matmul inputs)
+    bf16, noise = out["config"]["dtype"] == "bfloat16", 10 * rs.get("noise_lora", 0.0)
+    for name, tol in (("torchrun DDP", noise), ("torchrun FSDP2", 5e-2 if bf16 else max(noise, 1e-5 * cuda))):
         if "lora_rel_diff" in (dd := out["parts"].get(name, {})):
             p = f"{name} nproc 1 vs one process, {dd['steps']} steps"
-            row(p, "adapter rel. diff", dd["lora_rel_diff"], ".1e", DIST_TOL[name])
+            row(p, "adapter rel. diff", dd["lora_rel_diff"], ".1e", tol)
             row(p, "loss max abs. diff", dd["loss_diff"], ".1e")
     f = out["parts"].get("refactor", {})
     if "ms" in f:
@@ -694,7 +697,7 @@ def summary(out):
         for k, ms in f["ms"].items():
             row(p, f"{REFACTOR_ROWS[k]} ms ({f['speedup'][k]:.1f}× vs loop)", ms, ".2f")
     c = {**out["parts"].get("S_check", {}), **out["parts"].get("step_check", {})}
-    p = "checks (device vs CPU)"
+    p = "checks (device float32 vs CPU float64)"
     if "S_rel_err_device" in c:
         row(p, "S̃ rel. error, device float32 vs CPU float64", c["S_rel_err_device"], ".1e",
             max(1e-5, 10 * c["S_rel_err_cpu32"]))
