@@ -2,9 +2,10 @@
 Benchmarks for reflora (timing hygiene after gpt-fast: warm-up, synchronized timed regions, medians, compile time
 reported apart, device and versions printed).
 
-    python bench.py --suite [--json=PATH]      # every GPU number the README promises, one command (< 8 min)
+    python bench.py --suite [--json=PATH]      # every GPU number the README promises, one command (< 8 min),
+                    # train.py itself included (subprocesses: its loop, resume, --eval_only, torchrun DDP / FSDP2)
     python bench.py --suite --device=cpu --model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 \
-                    --new_tokens=4 --compile=False   # the same code path on CPU in seconds (tests/test_bench.py)
+                    --new_tokens=4 --compile=False --dtype=float32   # the same code path on CPU (tests/test_bench.py)
     python bench.py --model=smollm2-135m --device=cpu [--batch_size=8 --seq_len=256 --dtype=float32 --compile=False]
                     [--json=PATH]        # one training step: lora vs reflora vs reflora-s, interleaved
     python bench.py --compare_dtypes ...                    # the same, float32 eager vs bfloat16, and the speed-up
@@ -330,15 +331,15 @@ def write_inputs(d, name, dtype, seq_len, n_test):
     it), d/varied.jsonl (lengths differ: length-grouped batches), d/data/dataset/boolq/test.json."""
     torch.manual_seed(0)
     m = M.Transformer(M.ModelArgs.from_name(name))
-    a, sd = m.args, {}
+    a, sd, rng = m.args, {}, random.Random(0)
     for k, t in m.state_dict().items():
         if not (k == "output.weight" and a.tie_word_embeddings):
             n = a.n_heads if ".wq." in k else a.n_kv_heads if ".wk." in k else 0
             sd[W.rename(k, W.META, W.HF)] = (W.permute_qk(t, n, to_hf=True) if n else t).to(dtype).contiguous()
     (d / "ckpt").mkdir(parents=True)
     save_file(sd, d / "ckpt/model.safetensors")
-    (d / "ckpt/config.json").write_text(json.dumps(dict(model_type="llama", **{h: getattr(a, f) for f, h, _ in W.CONFIG})))
-    rng = random.Random(0)
+    (d / "ckpt/config.json").write_text(json.dumps(dict(model_type="llama", **{h: getattr(a, f) for f, h, _ in
+                                                                                W.CONFIG})))
     rec = lambda n: dict(instruction="".join(rng.choices("abcdefghij ", k=n)), input="",  # noqa: E731
                          output=(ans := rng.choice(("true", "false"))), answer=ans)
     for f, lo, hi in (("fixed", seq_len, seq_len), ("varied", 1, max(1, seq_len // 2))):
@@ -353,35 +354,33 @@ def trainpy(flags, out, deadline, nproc=0):
     cmd = [sys.executable, *run, "train.py", *(f"--{k}={v}" for k, v in {**flags, "out_dir": out}.items())]
     t0, left = time.perf_counter(), deadline - time.perf_counter()
     try:
-        r = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+        p = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
                            timeout=max(1.0, left))
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"train.py {out.name}: over the time budget ({left:.0f} s left)") from None
-    if r.returncode:
-        print(r.stdout[-3000:], r.stderr[-3000:], sep="\n")
-        raise RuntimeError(f"train.py {out.name}: exit {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1]}")
-    log_f = out / "log.jsonl"
-    return [json.loads(x) for x in log_f.read_text().splitlines()] if log_f.exists() else [], time.perf_counter() - t0
+    if p.returncode:
+        print(p.stdout[-3000:], p.stderr[-3000:], sep="\n")
+        raise RuntimeError(f"train.py {out.name}: exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}")
+    f = out / "log.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else [], time.perf_counter() - t0
 
 
 def diffs(a, b, after=0):
-    """Two out_dirs: (max over the LoRA tensors of state.pt of ‖a − b‖ / ‖b‖, max |Δ loss| of log.jsonl's steps
-    after `after`)."""
-    sa, sb = (read_state(d / "state.pt")["lora"] for d in (a, b))
-    la, lb = ([x["loss"] for x in map(json.loads, (d / "log.jsonl").read_text().splitlines())
-               if "loss" in x and x["iter"] > after] for d in (a, b))
+    """Two out_dirs: max over state.pt's LoRA tensors of ‖a − b‖ / ‖b‖, max |Δ loss| in log.jsonl after `after`."""
+    (sa, la), (sb, lb) = ((read_state(d / "state.pt")["lora"], [x["loss"] for x in map(json.loads, (
+        d / "log.jsonl").read_text().splitlines()) if "loss" in x and x["iter"] > after]) for d in (a, b))
     assert len(la) == len(lb) > 0, (la, lb)
-    return (max(((sa[k].double() - sb[k].double()).norm() / sb[k].double().norm()).item() for k in sb),
-            max(abs(x - y) for x, y in zip(la, lb)))
+    return dict(lora_rel_diff=max(((sa[k].double() - sb[k].double()).norm() / sb[k].double().norm()).item()
+                                  for k in sb), loss_diff=max(abs(x - y) for x, y in zip(la, lb)))
 
 
 class Runs:
-    """The train.py parts' shared inputs (written once) and reference run: the uninterrupted one on varied.jsonl."""
+    """The train.py parts' inputs, written once, and their reference: the uninterrupted run on varied.jsonl."""
 
     def __init__(self, args, device, dtype, d, deadline):
         self.args, self.cuda, self.dtype, self.d, self.deadline = args, device.type == "cuda", dtype, d, deadline
-        self.name = "tiny" if args.model == "tiny" else "smollm2-135m"
-        self.n_test = 32 if self.cuda else 4
+        self.name, self.n_test = "tiny" if args.model == "tiny" else "smollm2-135m", 32 if self.cuda else 4
+        self.done = {}
         self.flags = dict(init_from=d / "ckpt", tokenizer="bytes", data_dir=d / "data", device=args.device,
                           dtype=str(dtype).removeprefix("torch."), compile=args.compile, lora_r=args.rank,
                           lora_alpha=2 * args.rank, lora_dropout=0.0, method="reflora", reflora_warmup=1,
@@ -389,59 +388,51 @@ class Runs:
         # the reference: dropout (generators across the resume), accumulation, length-grouped batches
         self.ref = dict(self.flags, data_path=d / "varied.jsonl", lora_dropout=0.1, batch_size=4, micro_batch_size=2,
                         max_iters=6, log_interval=1)
-        self.done = set()
 
     def straight(self, out="straight"):
         """The inputs written once; the reference run into d/out once (out None: the inputs only); -> d/out."""
-        if not self.done:
-            write_inputs(self.d, self.name, self.dtype, self.args.seq_len, self.n_test)
-            self.done.add(None)
-        if out not in self.done:
-            trainpy(self.ref, self.d / out, self.deadline)
-            self.done.add(out)
+        for k, fn in ((None, lambda: write_inputs(self.d, self.name, self.dtype, self.args.seq_len, self.n_test)),
+                      (out, lambda: trainpy(self.ref, self.d / out, self.deadline))):
+            self.done[k] = self.done.get(k) or fn() or True
         return out and self.d / out
 
 
 def suite_loop(r, device):
     """train.py's step (its log's ms: fixed-length batches of the suite's shapes, no accumulation, reflora) beside
     the suite's own train_steps on the same shapes: the loop's own cost."""
-    a, B, T = r.args, r.args.batch_size or 8, r.args.seq_len
-    r.straight(None)
-    n = 2 + max(a.iters, 2)  # log records of 5 steps; the first 2 (compilation, warm-up) left out
+    a, B, T, n = r.args, r.args.batch_size or 8, r.args.seq_len, 2 + max(r.args.iters, 2)
+    r.straight(None)  # n log records of 5 steps; the first 2 (compilation, warm-up) left out
     recs, wall = trainpy(dict(r.flags, data_path=r.d / "fixed.jsonl", cutoff_len=T, batch_size=B, micro_batch_size=B,
                               max_iters=5 * n, log_interval=5), r.d / "loop", r.deadline)
     ms = statistics.median([x["ms"] for x in recs if "ms" in x][2:])
     x = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
-    model = build(r.name, device, r.dtype, a.rank)
-    own = train_steps(model, x[:, :-1], x[:, 1:], r.dtype, a.compile, a.warmup, a.iters)["methods"]["reflora"]
-    return dict(model=r.name, batch_size=B, seq_len=T, steps=5 * n, wall_s=wall, trainpy_ms=ms,
-                suite_ms=own["step_ms"], loop_overhead_pct=100 * (ms / own["step_ms"] - 1))
+    own = train_steps(build(r.name, device, r.dtype, a.rank), x[:, :-1], x[:, 1:], r.dtype, a.compile, a.warmup,
+                      a.iters)["methods"]["reflora"]["step_ms"]
+    return dict(model=r.name, batch_size=B, seq_len=T, steps=5 * n, wall_s=wall, trainpy_ms=ms, suite_ms=own,
+                loop_overhead_pct=100 * (ms / own - 1))
 
 
 def suite_resume(r):
     """Stop at step 3 (checkpoint), resume to 6: against the uninterrupted run. CPU: bitwise. CUDA: within 10× the
     difference of two uninterrupted runs (atomics in attention's backward make a GPU run differ from itself)."""
-    trainpy(dict(r.ref, stop_iter=3), r.d / "half", r.deadline)
-    trainpy(dict(r.ref, resume=True), r.d / "half", r.deadline)
-    res = dict(zip(("lora_rel_diff", "loss_diff"), diffs(r.d / "half", r.straight(), after=3)))
-    noise = diffs(r.straight("again"), r.straight()) if r.cuda else (0.0, 0.0)
-    return dict(res, steps=6, resumed_at=3, noise_lora=noise[0], noise_loss=noise[1])
+    for extra in (dict(stop_iter=3), dict(resume=True)):
+        trainpy(dict(r.ref, **extra), r.d / "half", r.deadline)
+    noise = diffs(r.straight("again"), r.straight()) if r.cuda else dict(lora_rel_diff=0.0, loss_diff=0.0)
+    return dict(diffs(r.d / "half", r.straight(), after=3), noise_lora=noise["lora_rel_diff"],
+                noise_loss=noise["loss_diff"])
 
 
 def suite_eval(r):
-    """--eval_only on the reference run's adapter, greedy and beam search, batched and one example at a time (the
-    reference: batched = one by one). float32: under bf16 padding changes logits, and random weights tie often."""
-    out, res = r.straight(), {}
+    """--eval_only on the reference run's adapter: greedy and beam search, batched against one example at a time.
+    float32: under bf16 padding changes the logits, and random weights tie often."""
+    out, res = r.straight(), dict(examples=r.n_test, beams=r.args.beams)
     for beams in (1, r.args.beams):
-        outs = {}
-        for bs in (r.n_test, 1):
-            _, res[f"b{beams}_bs{bs}_s"] = trainpy(dict(r.ref, eval_only=True, num_beams=beams, eval_batch_size=bs,
-                                                        dtype="float32", max_new_tokens=r.args.new_tokens, eval_limit=0),
-                                                   out, r.deadline)
-            outs[bs] = json.loads((out / "eval_boolq.json").read_text())["outputs"]
-        assert len(outs[1]) == r.n_test, f"{len(outs[1])} outputs of {r.n_test} examples"
-        res[f"b{beams}_agree"] = sum(x == y for x, y in zip(*outs.values())) / r.n_test
-    return dict(res, examples=r.n_test, beams=r.args.beams)
+        outs = [trainpy(dict(r.ref, eval_only=True, num_beams=beams, eval_batch_size=bs, dtype="float32", eval_limit=0,
+                             max_new_tokens=r.args.new_tokens), out, r.deadline) and
+                json.loads((out / "eval_boolq.json").read_text())["outputs"] for bs in (r.n_test, 1)]
+        assert len(outs[0]) == len(outs[1]) == r.n_test, f"{len(outs[1])} outputs of {r.n_test} examples"
+        res[f"b{beams}_agree"] = sum(x == y for x, y in zip(*outs)) / r.n_test
+    return res
 
 
 def suite_dist(r, fsdp):
@@ -449,8 +440,7 @@ def suite_dist(r, fsdp):
     all-reduced), against the uninterrupted single-process run."""
     out = r.d / ("fsdp" if fsdp else "ddp")
     recs, wall = trainpy(dict(r.ref, fsdp=fsdp), out, r.deadline, nproc=1)
-    return dict(zip(("lora_rel_diff", "loss_diff"), diffs(out, r.straight())), wall_s=wall,
-                steps=max(x["iter"] for x in recs if "loss" in x))
+    return dict(diffs(out, r.straight()), wall_s=wall, steps=max(x["iter"] for x in recs if "loss" in x))
 
 
 # -----------------------------------------------------------------------------
@@ -681,8 +671,6 @@ def summary(out):
         for b in (1, e["beams"]):
             row(p, f"{'greedy' if b == 1 else f'{b} beams'}: batched = one by one (share)", e[f"b{b}_agree"], ".2f",
                 1, False)
-            row(p, f"{'greedy' if b == 1 else f'{b} beams'}: batched / one by one, process s",
-                e[f"b{b}_bs{e['examples']}_s"] / e[f"b{b}_bs1_s"], ".2f")
     # one process is the reference: CPU bitwise; CUDA within 10× its run-to-run difference; FSDP2 under bf16 also
     # gathers the LoRA factors in bf16 (autocast keeps float32 masters, and casts only the matmul inputs)
     bf16, noise = out["config"]["dtype"] == "bfloat16", 10 * rs.get("noise_lora", 0.0)
@@ -803,7 +791,8 @@ def main(argv=None):
         _fail(f"--json={args.json}: expected a file path in an existing directory")
     if args.suite and args.device is None and not torch.cuda.is_available():
         print("bench.py --suite: no CUDA device here, nothing to measure (a CPU dry run: --suite --device=cpu "
-              "--model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 --new_tokens=4 --compile=False)")
+              "--model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 --new_tokens=4 --compile=False "
+              "--dtype=float32)")
         return 0
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = args.device.startswith("cuda")

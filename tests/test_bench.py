@@ -63,7 +63,7 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys, monkeypatch):
     # the markdown table beside the JSON, with every target and its verdict
     md = (tmp_path / "suite.md").read_text()
     assert md == res["markdown"] and "| part | metric |" in md
-    targets = {x["metric"].split(": ")[1]: x for x in res["targets"]}
+    targets = {x["metric"].split(": ", 1)[1]: x for x in res["targets"]}
     assert {"lora MFU", "reflora-s optimizer share of a lora step", "reflora optimizer share of a lora step",
             "reflora extra peak memory", "batched / one by one", "train.py's loop over the suite's step",
             "adapter rel. diff", "greedy: batched = one by one (share)"} <= set(targets)
