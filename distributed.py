@@ -18,14 +18,15 @@ def setup(device, backend="", fsdp=False):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: -> (ddp, rank, world, device); device: auto | cpu | cuda[:N];
     the process group on nccl for CUDA, gloo for CPU, unless `backend` says. fsdp: sharding wanted (needs torchrun)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = "RANK" in os.environ  # torchrun: a process group even for one process (DDP / FSDP2 on one GPU)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device={device}: this torch ({torch.__version__}) sees no CUDA device")
     if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
         raise ValueError(f"--device={device}: only {torch.cuda.device_count()} CUDA device(s)")
-    if fsdp and world == 1:
-        raise ValueError("--fsdp=True shards over processes: run it under torchrun (WORLD_SIZE > 1)")
+    if fsdp and not launched:
+        raise ValueError("--fsdp=True shards over processes: run it under torchrun")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if world == 1:
+    if not launched:
         return False, 0, 1, torch.device(dev)
     torch.distributed.init_process_group(backend or ("nccl" if dev.startswith("cuda") else "gloo"))
     if dev.startswith("cuda"):
