@@ -18,6 +18,7 @@ Degenerate factors (a zero factor, as with the default LoRA init A = 0; rank-def
 a defined case: a pair whose Gram matrices are numerically singular falls back to Thm 4's scalar S = s·I, and a
 pair with a zero or non-finite factor is left as it is (S = I). So `warmup=0` is safe; no NaN, no exception.
 """
+import contextlib
 import math
 
 import torch
@@ -27,14 +28,9 @@ from torch.optim.adamw import adamw
 # Pure tensor functions (batched over leading dims; compiled once by the optimizer)
 
 
-# Why float64 (measured, float32 factors against a float64 closed form via Householder QR, see the tests): with
-# float32 Grams AᵀA already carries eps·cond(A)² error (5e-2 at r=4, cond(A)=2000); float64 Grams of float32/bf16
-# factors are nearly exact (products of 24-bit numbers are exact in float64). The r×r work is then one Cholesky
-# AᵀA = La Laᵀ and one eigh of Laᵀ BᵀB La, in float64: ≤ 1.2e-9 relative up to cond(A)·cond(B) = 1e6 (r = 4..64,
-# worst 2.2e-5 at cond(A) = 1e6 alone: the Gram's own eps·cond(A)²). Cost, 1 CPU thread, interleaved medians,
-# r=32 (150 SmolLM2 pairs | 160 LLaMA-7B pairs): precondition 207 | 930 ms, of which Grams 88 | 662 and r×r 72 |
-# 51 ms; eigh + SVD of Rb Raᵀ (cond(A)·cond(B), not squared; 49b5143) 290 | 987 ms (r×r 161 | 140); two eigh
-# 221 | 934; float32 everything (d7a90d3, inexact) 137 | 414; Grams as one bmm over zero-padded stacks 300 | 2339.
+# Float64 Grams of float32/bf16 factors are nearly exact (their products are exact in float64), so the r×r work
+# sees the factors' own conditioning; on the CPU float32 Grams stand in where they are well conditioned, and a
+# CholeskyQR2 pass fixes the Gram's own eps·cond(A)² for tall, ill-conditioned A.
 DT = torch.float64
 
 
@@ -57,12 +53,13 @@ def optimal_s(A, B):
     return _scale(norm2(A), norm2(B), A.dtype)[0]
 
 
-def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0):
+def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0, La=None):
     """S̃ and S̃⁻¹ (..., r, r) from the float64 Grams Ga = AᵀA, Gb = BᵀB (..., r, r); dtype: the factors' dtype.
 
     S̃(cA, dB) = (d/c) S̃(A, B), so S̃ = s·S̃(A/‖A‖, B/‖B‖) with s = ‖B‖/‖A‖ (Thm 4's scalar) and ‖A‖² = tr(AᵀA):
     the r×r work sees unit-trace Grams whatever the scale of the factors. floor_a, floor_b: below these ‖A‖², ‖B‖²
-    the Grams are sums of denormal products (float64 factors only; e.g. tiny·numel/1024).
+    the Grams are sums of denormal products (float64 factors only; e.g. tiny·numel/1024). La: AᵀA's Cholesky
+    factor where one is known more exactly than the Gram (see grams), else None.
     Returns S̃, S̃⁻¹ and (k,) masks exact (S̃ of Thm 3) and usable (else S = I: zero or non-finite factor); pairs
     usable but not exact (numerically rank-deficient Grams: Cholesky fails, a pivot or μ_min ≤ r·eps of the
     largest) get Thm 4's s·I. And s, and the balance residual of exact pairs (0 for the others).
@@ -77,7 +74,11 @@ def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0):
     Gb = torch.where(u, Gb / torch.where(usable, b2, 1.0)[..., None, None], eye)
     # AᵀA = La Laᵀ (Cholesky; info > 0: not positive definite), then Laᵀ BᵀB La = W M Wᵀ, similar to
     # (AᵀA)^{1/2} BᵀB (AᵀA)^{1/2} (the same eigenvalues M)
-    La, info = torch.linalg.cholesky_ex(Ga)
+    if La is None:
+        La, info = torch.linalg.cholesky_ex(Ga)
+    else:
+        La = torch.where(u, La / torch.where(usable, a2, 1.0).sqrt()[..., None, None], eye)
+        info = (~torch.isfinite(La).all(-1).all(-1) | (La.diagonal(dim1=-2, dim2=-1) <= 0).any(-1)).int()
     d = La.diagonal(dim1=-2, dim2=-1).square()  # pivots: each ≥ λ_min(AᵀA)
     La = torch.where(((info == 0) & usable)[..., None, None], La, eye)
     mu, W = torch.linalg.eigh(La.mT @ Gb @ La)
@@ -107,16 +108,58 @@ def _stats(exact, usable, s, resid):
                       torch.where(usable, s, float("nan"))])
 
 
+def _gram(X):
+    X = X.to(DT)  # XᵀX in float64: the products of float32/bf16 numbers are exact
+    return X.mT @ X
+
+
+def _cholqr2(X, L1):
+    """CholeskyQR2: X = Q R with R = L1ᵀ (L1: the Cholesky factor of the Gram), then QᵀQ = L2 L2ᵀ; returns L1 L2,
+    a Cholesky factor of XᵀX without the Gram's eps·cond(X)² error (X float64; NaN where a Cholesky failed)."""
+    Q = torch.linalg.solve_triangular(L1.mT, X.to(DT), upper=True, left=False)  # X L1⁻ᵀ
+    L2, info = torch.linalg.cholesky_ex(Q.mT @ Q)
+    return torch.where((info == 0)[..., None, None], L1 @ L2, float("nan"))
+
+
+def grams(As, Bs, select=False):
+    """Ga = AᵀA, Gb = BᵀB (k, r, r) float64, and La (k, r, r) with La Laᵀ = AᵀA, for lists of factors.
+
+    select=False: float64 Grams, every La from one CholeskyQR2 pass (no data-dependent branch: for graphs and side
+    streams). select=True (eager on the CPU, where reading a mask costs no device sync): float32 Grams of
+    float32/bf16 factors where κ = ‖G‖_F ‖G⁻¹‖_F ≥ cond(G) stays ≤ 1e3, float64 elsewhere, and CholeskyQR2 only
+    for the A with κ > 1e8.
+    """
+    Xs, k = [*As, *Bs], len(As)
+    knorm = lambda G, L: torch.linalg.matrix_norm(G) * torch.linalg.matrix_norm(torch.cholesky_inverse(L))
+    if select and As[0].dtype != DT:
+        G = torch.stack([X.float().mT @ X.float() for X in Xs])
+        L, info = torch.linalg.cholesky_ex(G)
+        G = G.to(DT)
+        for i in ((info > 0) | ~(knorm(G, L.to(DT)) <= 1e3)).nonzero().flatten().tolist():
+            G[i] = _gram(Xs[i])
+    else:
+        G = torch.stack([_gram(X) for X in Xs])
+    Ga, Gb = G[:k], G[k:]
+    La, info = torch.linalg.cholesky_ex(Ga)
+    La = torch.where((info == 0)[..., None, None], La, float("nan"))
+    todo = (~(knorm(Ga, La) <= 1e8)).nonzero().flatten().tolist() if select else range(k)
+    if len(todo):
+        La = La.clone() if select else torch.stack([_cholqr2(A, L) for A, L in zip(As, La.unbind(0))])
+        for i in todo if select else ():
+            La[i] = _cholqr2(As[i], La[i])
+    return Ga, Gb, La
+
+
 def optimal_S(A, B):
     """Thm 3: S̃ = (AᵀA)^{-1/2} [(AᵀA)^{1/2} BᵀB (AᵀA)^{1/2}]^{1/2} (AᵀA)^{-1/2}, r×r, batched over leading dims.
 
     Returns s·I for numerically rank-deficient pairs and I for pairs with a zero or non-finite factor; the scale
     s = ‖B‖/‖A‖ in it is clamped to √(max) of the factors' dtype (see _scale).
     """
-    dtype, A, B = A.dtype, A.to(DT), B.to(DT)
+    (m, r), (n, _), batch = A.shape[-2:], B.shape[-2:], A.shape[:-2]
     floor = torch.finfo(DT).tiny / 1024  # a mean square below this: denormal products
-    return _refactor(A.mT @ A, B.mT @ B, dtype, floor * A.shape[-2] * A.shape[-1],
-                     floor * B.shape[-2] * B.shape[-1])[0]
+    Ga, Gb, La = grams(list(A.reshape(-1, m, r)), list(B.reshape(-1, n, r)))
+    return _refactor(Ga, Gb, A.dtype, floor * m * r, floor * n * r, La)[0].reshape(*batch, r, r)
 
 
 def balance(A, B, S=None):
@@ -136,22 +179,22 @@ def floors(As, Bs, device=None):
     return torch.tensor([[tiny * X.numel() for X in As], [tiny * X.numel() for X in Bs]], dtype=DT, device=device)
 
 
-def precondition(As, Bs, gAs, gBs, floor=None, reduce=None):
+def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
     """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
 
     Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
     and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
     (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
     floor: `floors(As, Bs)` (built here if None). reduce: for row shards of the factors (FSDP), a sum over the
-    shards (the Grams are sums over rows). Also returns the bucket's statistics (see _stats).
+    shards (the Grams are sums over rows; La then from the summed Gram). select: see grams. Also returns the
+    bucket's statistics (see _stats).
     """
     floor = floors(As, Bs, As[0].device) if floor is None else floor
-    # one batched r×r computation for all pairs, whatever their m and n; Grams in float64 (see DT)
-    Ga = torch.stack([A.to(DT).mT @ A.to(DT) for A in As])  # (k, r, r)
-    Gb = torch.stack([B.to(DT).mT @ B.to(DT) for B in Bs])
+    # one batched r×r computation for all pairs, whatever their m and n (see grams)
+    Ga, Gb, La = grams(As, Bs, select and reduce is None)  # (k, r, r)
     if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
-        Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
-    S, Sinv, exact, usable, s, resid = _refactor(Ga, Gb, As[0].dtype, floor[0], floor[1])  # (k, r, r)
+        (Ga, Gb), La = reduce(torch.cat([Ga, Gb])).split(len(As)), None
+    S, Sinv, exact, usable, s, resid = _refactor(Ga, Gb, As[0].dtype, floor[0], floor[1], La)  # (k, r, r)
     # the products with the gradients in float32 (float64 for float64 gradients)
     dt = torch.float64 if gAs[0].dtype == torch.float64 else torch.float32
     S, Sinv = S.to(dt), Sinv.to(dt)
@@ -239,6 +282,18 @@ def _shard_sum(t):
     from torch.distributed._functional_collectives import all_reduce
     group = t.device_mesh.get_group()
     return lambda x: all_reduce(x, "sum", group)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """torch's CPU threads set to n inside (None: unchanged). The per-pair products and Grams are too small to
+    share between threads: one thread each runs them faster than intra-op threading."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _mat(x, t=False):
@@ -412,8 +467,11 @@ class RefLoRA(torch.optim.Optimizer):
             Bs = [_mat(local(B), t) for _, B, t in pairs]
             gAs = [_mat(local(A.grad)) for A, _, _ in pairs]
             gBs = [_mat(local(B.grad), t) for _, B, t in pairs]
-            # FSDP2: this rank's rows, with the Grams summed over the ranks
-            gAs, gBs, st = self._precondition(As, Bs, gAs, gBs, self._floor(pairs), _shard_sum(pairs[0][0]))
+            # FSDP2: this rank's rows, with the Grams summed over the ranks; CPU eager: float32 Grams where exact
+            cpu = not self.compile and As[0].device.type == "cpu"
+            with _threads(1 if cpu else None):
+                gAs, gBs, st = self._precondition(As, Bs, gAs, gBs, self._floor(pairs), _shard_sum(pairs[0][0]),
+                                                  select=cpu)
             self._last.append(st)
             for (A, B, t), gA, gB in zip(pairs, gAs, gBs):
                 for p, g in ((A, gA), (B, gB.mT if t else gB)):
@@ -442,7 +500,8 @@ class RefLoRA(torch.optim.Optimizer):
             As = [_mat(local(A)) for A, _, _ in pairs]
             Bs = [_mat(local(B), t) for _, B, t in pairs]
             # FSDP2: in place on this rank's rows, norms summed over the ranks
-            self._last.append(self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0])))
+            with _threads(1 if not self.compile and As[0].device.type == "cpu" else None):
+                self._last.append(self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0])))
 
     def _init_state(self, p):
         # torch.optim.AdamW's state layout (step on the parameter's device for the fused kernel)

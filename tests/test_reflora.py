@@ -441,15 +441,31 @@ def closed_form_S(A, B):
 @pytest.mark.parametrize("r,cond_a,cond_b", [(32, 600, 1.5), (32, 100, 100), (4, 2000, 1),  # today's reports
                                              (4, 1e3, 1e3), (32, 1e3, 1e3), (64, 1e4, 100), (64, 100, 1e4),
                                              (4, 1e6, 1), (32, 1e6, 1), (4, 1, 1e6)])  # cond(A)·cond(B) = 1e6
-def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, cond_b):
-    A, B = conditioned(300, r, cond_a, 1, dtype), 5 * conditioned(400, r, cond_b, 2, dtype)
+def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, cond_b, m=300):
+    A, B = conditioned(m, r, cond_a, 1, dtype), 5 * conditioned(400, r, cond_b, 2, dtype)
     ref = closed_form_S(A, B)
     assert rel(optimal_S(A, B), ref) < 1e-4
-    # and through the optimizer's own path: the preconditioned gradients equal ∇A S̃⁻¹, ∇B S̃
-    gA, gB = torch.ones(300, r, dtype=dtype), torch.ones(400, r, dtype=dtype)
-    pA, pB, _ = reflora.precondition([A], [B], [gA], [gB])
+    # and through the optimizer's own paths (select: the CPU's float32 Grams where well conditioned): the
+    # preconditioned gradients equal ∇A S̃⁻¹, ∇B S̃, and S̃ itself is exact
+    gA, gB = torch.ones(m, r, dtype=dtype), torch.ones(400, r, dtype=dtype)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # the result is rounded to the gradients' dtype
-    assert rel(pB[0].to(F64), gB.to(F64) @ ref) < tol
+    for select in (False, True):
+        pA, pB, _ = reflora.precondition([A], [B], [gA], [gB], select=select)
+        assert rel(pB[0].to(F64), gB.to(F64) @ ref) < tol
+        Ga, Gb, La = reflora.grams([A], [B], select)
+        assert rel(reflora._refactor(Ga, Gb, dtype, La=La)[0][0], ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_S_is_exact_for_a_tall_factor_of_cond_1e6(dtype):
+    """A 576×4 with cond(A) = 1e6: the float64 Gram's own eps·cond(A)² error (3.6e-4 in S̃) is removed by
+    CholeskyQR2; without that pass the same check fails."""
+    test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, 4, 1e6, 1, m=576)
+    if dtype == torch.bfloat16:
+        return  # rounded to bf16, A is no longer that ill-conditioned
+    A, B = conditioned(576, 4, 1e6, 1, dtype), 5 * conditioned(400, 4, 1, 2, dtype)
+    Ga, Gb, _ = reflora.grams([A], [B])
+    assert rel(reflora._refactor(Ga, Gb, dtype)[0][0], closed_form_S(A, B)) > 1e-4  # the Gram alone: not exact
 
 
 def test_rank_deficient_pair_falls_back_to_scalar_and_tiny_pair_is_left_alone():
