@@ -130,19 +130,23 @@ def grams(As, Bs, select=False):
     for the A with κ > 1e8.
     """
     Xs, k = [*As, *Bs], len(As)
-    knorm = lambda G, L: torch.linalg.matrix_norm(G) * torch.linalg.matrix_norm(torch.cholesky_inverse(L))
+
+    def kappa(G, L, info):  # ‖G‖_F ‖G⁻¹‖_F from G's Cholesky factor; inf where the Cholesky failed
+        ok = (info == 0)[..., None, None]
+        Li = torch.cholesky_inverse(torch.where(ok, L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)))
+        return torch.where(info == 0, torch.linalg.matrix_norm(G) * torch.linalg.matrix_norm(Li), float("inf"))
     if select and As[0].dtype != DT:
         G = torch.stack([X.float().mT @ X.float() for X in Xs])
         L, info = torch.linalg.cholesky_ex(G)
         G = G.to(DT)
-        for i in ((info > 0) | ~(knorm(G, L.to(DT)) <= 1e3)).nonzero().flatten().tolist():
+        for i in (~(kappa(G, L.to(DT), info) <= 1e3)).nonzero().flatten().tolist():
             G[i] = _gram(Xs[i])
     else:
         G = torch.stack([_gram(X) for X in Xs])
     Ga, Gb = G[:k], G[k:]
     La, info = torch.linalg.cholesky_ex(Ga)
+    todo = (~(kappa(Ga, La, info) <= 1e8)).nonzero().flatten().tolist() if select else range(k)
     La = torch.where((info == 0)[..., None, None], La, float("nan"))
-    todo = (~(knorm(Ga, La) <= 1e8)).nonzero().flatten().tolist() if select else range(k)
     if len(todo):
         La = La.clone() if select else torch.stack([_cholqr2(A, L) for A, L in zip(As, La.unbind(0))])
         for i in todo if select else ():
