@@ -671,10 +671,12 @@ def summary(out):
         for b in (1, e["beams"]):
             row(p, f"{'greedy' if b == 1 else f'{b} beams'}: batched = one by one (share)", e[f"b{b}_agree"], ".2f",
                 1, False)
-    # one process is the reference: CPU bitwise; CUDA within 10× its run-to-run difference; FSDP2 under bf16 gathers
-    # every parameter in bf16, the float32 LoRA factors too (CPU, tiny, 6 steps: 1.4e-2 of the adapter)
+    # one process is the reference: DDP bitwise on CPU, on CUDA within 10× its run-to-run difference; FSDP2 sums
+    # float64 Grams over the shards where one CPU process uses float32 ones where well conditioned (CPU, tiny,
+    # 6 steps: 4.4e-4 of the adapter), and under bf16 gathers every parameter in bf16, the float32 LoRA factors
+    # too (1.4e-2)
     bf16, noise = out["config"]["dtype"] == "bfloat16", 10 * rs.get("noise_lora", 0.0)
-    for name, tol in (("torchrun DDP", noise), ("torchrun FSDP2", 5e-2 if bf16 else max(noise, 1e-5 * cuda))):
+    for name, tol in (("torchrun DDP", noise), ("torchrun FSDP2", 5e-2 if bf16 else max(noise, 1e-3))):
         if "lora_rel_diff" in (dd := out["parts"].get(name, {})):
             p = f"{name} nproc 1 vs one process, {dd['steps']} steps"
             row(p, "adapter rel. diff", dd["lora_rel_diff"], ".1e", tol)

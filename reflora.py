@@ -121,13 +121,13 @@ def _cholqr2(X, L1):
     return torch.where((info == 0)[..., None, None], L1 @ L2, float("nan"))
 
 
-def grams(As, Bs, select=False):
+def grams(As, Bs, select=False, la=True):
     """Ga = AᵀA, Gb = BᵀB (k, r, r) float64, and La (k, r, r) with La Laᵀ = AᵀA, for lists of factors.
 
     select=False: float64 Grams, every La from one CholeskyQR2 pass (no data-dependent branch: for graphs and side
     streams). select=True (eager on the CPU, where reading a mask costs no device sync): float32 Grams of
     float32/bf16 factors where κ = ‖G‖_F ‖G⁻¹‖_F ≥ cond(G) stays ≤ 1e3, float64 elsewhere, and CholeskyQR2 only
-    for the A with κ > 1e8.
+    for the A with κ > 1e8. la=False: no La (row shards, whose Grams are summed first), None instead.
     """
     Xs, k = [*As, *Bs], len(As)
 
@@ -144,6 +144,8 @@ def grams(As, Bs, select=False):
     else:
         G = torch.stack([_gram(X) for X in Xs])
     Ga, Gb = G[:k], G[k:]
+    if not la:
+        return Ga, Gb, None
     La, info = torch.linalg.cholesky_ex(Ga)
     todo = (~(kappa(Ga, La, info) <= 1e8)).nonzero().flatten().tolist() if select else range(k)
     La = torch.where((info == 0)[..., None, None], La, float("nan"))
@@ -195,9 +197,9 @@ def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
     """
     floor = floors(As, Bs, As[0].device) if floor is None else floor
     # one batched r×r computation for all pairs, whatever their m and n (see grams)
-    Ga, Gb, La = grams(As, Bs, select and reduce is None)  # (k, r, r)
+    Ga, Gb, La = grams(As, Bs, select and reduce is None, la=reduce is None)  # (k, r, r)
     if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
-        (Ga, Gb), La = reduce(torch.cat([Ga, Gb])).split(len(As)), None
+        Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
     S, Sinv, exact, usable, s, resid = _refactor(Ga, Gb, As[0].dtype, floor[0], floor[1], La)  # (k, r, r)
     # the products with the gradients in float32 (float64 for float64 gradients)
     dt = torch.float64 if gAs[0].dtype == torch.float64 else torch.float32

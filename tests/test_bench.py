@@ -49,8 +49,9 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys, monkeypatch):
     # against float64 references (Thm 3's closed form by eigh; a float64 step): close, and not equal by construction
     assert c["S_rel_err_device"] < 1e-4 and c["balance_residual_device"] < 1e-4 and c["balance_residual_cpu64"] < 1e-12
     assert 0 < c["reflora_step_rel_err"] < 1e-4 and 0 < c["reflora-s_step_rel_err"] < 1e-4
-    # train.py itself: its step beside the suite's; resume, DDP and FSDP2 (gloo, 1 process) bitwise against the
-    # uninterrupted single-process run on the CPU; batched decoding = one example at a time, greedy and 4 beams
+    # train.py itself: its step beside the suite's; resume and DDP (gloo, 1 process) bitwise against the
+    # uninterrupted single-process run on the CPU, FSDP2 within 1e-3 (its Grams are float64 sums over the shards,
+    # one CPU process's are float32 where well conditioned); batched decoding = one example at a time
     lp = parts["train.py loop"]
     assert (lp["model"], lp["batch_size"], lp["seq_len"]) == ("tiny", 2, 32) and lp["steps"] == 20
     assert lp["trainpy_ms"] > 0 and lp["suite_ms"] > 0 and finite(lp["loop_overhead_pct"])
@@ -58,8 +59,9 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys, monkeypatch):
     assert rs["lora_rel_diff"] == rs["loss_diff"] == rs["noise_lora"] == 0
     e = parts["train.py eval_only"]
     assert e["examples"] == 4 and e["b1_agree"] == e["b4_agree"] == 1
-    for name in ("torchrun DDP", "torchrun FSDP2"):
-        assert parts[name]["steps"] == 6 and parts[name]["lora_rel_diff"] == parts[name]["loss_diff"] == 0, name
+    d, f = parts["torchrun DDP"], parts["torchrun FSDP2"]
+    assert d["steps"] == f["steps"] == 6 and d["lora_rel_diff"] == d["loss_diff"] == 0
+    assert f["lora_rel_diff"] < 1e-3 and f["loss_diff"] < 1e-3
     # the markdown table beside the JSON, with every target and its verdict
     md = (tmp_path / "suite.md").read_text()
     assert md == res["markdown"] and "| part | metric |" in md
