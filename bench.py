@@ -266,7 +266,8 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
         r["opt_share_pct"] = 100 * extra / lora["step_ms"]
         r["extra_mem_pct"] = 100 * (r["peak_mem_mb"] / lora["peak_mem_mb"] - 1) if cuda else None
         print(f"{m} overhead over lora: step {r['step_overhead_pct']:+.2f}%, optimizer {extra:+.2f} ms = "
-              f"{r['opt_share_pct']:+.2f}% of a lora step" + (f", peak memory {r['extra_mem_pct']:+.2f}%" if cuda else ""))
+              f"{r['opt_share_pct']:+.2f}% of a lora step"
+              + (f", peak memory {r['extra_mem_pct']:+.2f}%" if cuda else ""))
     return res
 
 
@@ -297,7 +298,8 @@ def compare_dtypes(args):
 
 def random_prompts(n, lo, hi, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(k),), generator=g).tolist() for k in torch.randint(lo, hi + 1, (n,), generator=g)]
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g)
+    return [torch.randint(3, vocab, (int(k),), generator=g).tolist() for k in lengths]
 
 
 def generate_speed(model, prompts, beams, new_tokens, device):

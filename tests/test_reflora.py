@@ -61,9 +61,11 @@ def test_theorem3_balances_and_minimizes():
     best = f(S)
     for _ in range(200):
         assert f(rand_spd(4, g)) > best
-        assert f(S + 1e-3 * (lambda X: X + X.T)(torch.randn(4, 4, generator=g, dtype=F64))) > best  # a local minimum too
+        sym = (lambda X: X + X.T)(torch.randn(4, 4, generator=g, dtype=F64))
+        assert f(S + 1e-3 * sym) > best  # a local minimum too
     # batched over leading dims: the same as one at a time
-    As, Bs = torch.stack([rand_pair(seed=i)[0] for i in range(5)]), torch.stack([rand_pair(seed=i)[1] for i in range(5)])
+    pairs = [rand_pair(seed=i) for i in range(5)]
+    As, Bs = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
     assert torch.allclose(optimal_S(As, Bs), torch.stack([optimal_S(a, b) for a, b in zip(As, Bs)]), atol=1e-12)
 
 
@@ -606,7 +608,8 @@ def test_peft_layout_steps_like_the_project_layout(method, base):
     twin = [(torch.nn.Parameter(A.detach().clone()), torch.nn.Parameter(B.detach().T.clone())) for A, B, _ in pairs]
     head, thead = m[4], torch.nn.Linear(6, 2, dtype=F64)
     thead.load_state_dict(head.state_dict())
-    frozen = [(m[0].base_layer.weight, []), (m[2].base_layer.weight, [m[2].lora_B["frozen"].weight @ m[2].lora_A["frozen"].weight])]
+    frozen = [(m[0].base_layer.weight, []),
+              (m[2].base_layer.weight, [m[2].lora_B["frozen"].weight @ m[2].lora_A["frozen"].weight])]
 
     def twin_forward(x):
         h = x
