@@ -18,6 +18,7 @@ averaged over the accumulation steps). Its one job: the config values, then the 
 scoring evaluate.py's, the saved state runstate.py's, pretrained weights weights.py's.
 """
 import json
+import os
 import re
 import resource
 import signal
@@ -457,6 +458,13 @@ def main(argv=None):
         finally:
             if torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+    if cfg["fsdp"] and argv is None:
+        # FSDP2 keeps the gloo process group (and its threads) alive past destroy_process_group; one of them
+        # meeting the interpreter's finalization aborts the process ('terminate called without an active
+        # exception'), so a finished sharded run leaves at once, everything written and flushed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
