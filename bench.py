@@ -186,7 +186,9 @@ def bench_refactor(args):
 def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20, deadline=None):
     """Per method {step_ms, opt_ms, tokens_per_s, mfu, peak_mem_mb}, plus the overheads over lora and a
     compiled-vs-eager loss check. compile: torch.compile the model's forward as train.py does (a wrapper sharing
-    the parameters) and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short."""
+    the parameters) and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short.
+    RefLoRA's default `ahead` (CUDA: the next step's S̃ on a side stream at the end of step()): the device sync after
+    opt.step() waits for that work too, so opt_ms counts it instead of letting it overlap the next forward."""
     device = tokens.device
     cuda, amp = device.type == "cuda", M.autocast(model)
     with torch.no_grad(), amp:
@@ -242,6 +244,7 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     B, T = tokens.shape
     fpt, peak = f0 + f1 * T, M.peak_flops(device) if dtype != torch.float32 else None  # float32: no MFU
     res = dict(batch_size=B, seq_len=T, dtype=str(dtype).removeprefix("torch."), compile=compile, iters=iters,
+               ahead=opts["reflora"].ahead,
                first_step_s=first_s, warmup_s=warmup_s,
                loss_eager=loss_eager, loss_compiled=loss_fwd,  # compile off: the same forward twice, no check
                loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager) if compile else None,

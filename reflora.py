@@ -185,28 +185,38 @@ def floors(As, Bs, device=None):
     return torch.tensor([[tiny * X.numel() for X in As], [tiny * X.numel() for X in Bs]], dtype=DT, device=device)
 
 
-def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
-    """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
-
-    Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
-    and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
-    (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
-    floor: `floors(As, Bs)` (built here if None). reduce: for row shards of the factors (FSDP), a sum over the
-    shards (the Grams are sums over rows; La then from the summed Gram). select: see grams. Also returns the
-    bucket's statistics (see _stats).
-    """
+def refactor_from(As, Bs, floor=None, reduce=None, select=False):
+    """RefLoRA's weight-only part (Thm 3): S̃, S̃⁻¹ (k, r, r) float64 for pairs of one rank r, and the bucket's
+    statistics (see _stats). floor: `floors(As, Bs)` (built here if None). reduce: for row shards of the factors
+    (FSDP), a sum over the shards (the Grams are sums over rows; La then from the summed Gram). select: see grams."""
     floor = floors(As, Bs, As[0].device) if floor is None else floor
     # one batched r×r computation for all pairs, whatever their m and n (see grams)
     Ga, Gb, La = grams(As, Bs, select and reduce is None, la=reduce is None)  # (k, r, r)
     if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
         Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
     S, Sinv, exact, usable, s, resid = _refactor(Ga, Gb, As[0].dtype, floor[0], floor[1], La)  # (k, r, r)
-    # the products with the gradients in float32 (float64 for float64 gradients)
+    return S, Sinv, _stats(exact, usable, s, resid)
+
+
+def precondition_grads(gAs, gBs, S, Sinv):
+    """Thm 3: ∇A S̃⁻¹ and ∇B S̃ (see precondition), the products in float32 (float64 for float64 gradients)."""
     dt = torch.float64 if gAs[0].dtype == torch.float64 else torch.float32
     S, Sinv = S.to(dt), Sinv.to(dt)
-    gAs = [(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))]
-    gBs = [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))]
-    return gAs, gBs, _stats(exact, usable, s, resid)
+    return ([(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))],
+            [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))])
+
+
+def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
+    """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
+
+    Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
+    and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
+    (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
+    S̃ comes from the weights only (refactor_from; floor, reduce, select: see there), then the products with the
+    gradients (precondition_grads). Also returns the bucket's statistics (see _stats).
+    """
+    S, Sinv, st = refactor_from(As, Bs, floor, reduce, select)
+    return (*precondition_grads(gAs, gBs, S, Sinv), st)
 
 
 def rescale(As, Bs, moments, floor=None, reduce=None):
@@ -368,7 +378,7 @@ def create_reflora_optimizer(model, method="reflora", lr=1e-3, weight_decay=0.0,
     """RefLoRA over a whole model, in the shape of PEFT's create_loraplus_optimizer: the LoRA pairs of find_pairs
     refactored; every other trainable parameter (DoRA magnitudes, LoRA biases, heads, modules_to_save, the
     trainable half of a half-frozen pair) stepped by the base rule, 1-D ones (biases, norms, magnitudes) without
-    weight decay. kwargs: RefLoRA's (base, betas, eps, warmup, interval, compile)."""
+    weight decay. kwargs: RefLoRA's (base, betas, eps, warmup, interval, compile, ahead)."""
     pairs = find_pairs(model)
     paired = {id(p) for A, B, _ in pairs for p in (A, B)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in paired]
@@ -394,6 +404,14 @@ class RefLoRA(torch.optim.Optimizer):
     warmup+interval, ... (warmup=0: also before the first base step, in the first step(); neither the constructor
     nor load_state_dict touches the weights, and load_state_dict refuses another method, base, warmup, interval).
 
+    ahead (RefLoRA; default on CUDA): S̃ depends on the weights only, so right after step t, with t+1 due, step
+    t+1's S̃, S̃⁻¹ are computed from the new weights (CUDA: on a side stream, beside the next forward and backward;
+    the main stream waits only before the gradient products), with ahead=False's results. They are used only if no
+    factor changed since (data_ptr and `_version`, which in-place writes bump: copy_ under no_grad as in
+    Module.load_state_dict, mul_), else computed at the step. Unnoticed (torch 2.13): writes through `.data`
+    (p.data.mul_(3)) and by the fused AdamW kernel (checked on the CPU), which leave `_version` as it is. Not under
+    FSDP2 (DTensor factors: the Grams' sum is a collective, kept in step order). Not in state_dict().
+
     stats(): what the last refactoring did, as Python floats (the only host sync; {} before the first one):
     exact / fallback / alone = pairs refactored by Thm 3's S̃, by the scalar s·I (rank-deficient Grams), left
     as they are (a zero or non-finite factor); residual = the largest ‖ÃᵀÃ - B̃ᵀB̃‖_F / ‖ÃᵀÃ‖_F over exact pairs
@@ -401,7 +419,7 @@ class RefLoRA(torch.optim.Optimizer):
     """
 
     def __init__(self, pairs, params=(), *, lora=(), method="reflora", base="adamw", lr=1e-3, betas=(0.9, 0.999),
-                 eps=1e-8, weight_decay=0.0, warmup=0, interval=1, compile=None):
+                 eps=1e-8, weight_decay=0.0, warmup=0, interval=1, compile=None, ahead=None):
         if method not in METHODS:
             raise ValueError(f"RefLoRA: method must be one of {METHODS}, got {method!r}")
         if base not in BASES:
@@ -430,13 +448,15 @@ class RefLoRA(torch.optim.Optimizer):
         self.method, self.base, self.warmup, self.interval = method, base, warmup, interval
         self.steps = 0  # optimizer steps taken (saved in state_dict)
         on_cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
-        self.compile = on_cuda if compile is None else compile
+        self.compile, self.ahead = on_cuda if compile is None else compile, on_cuda if ahead is None else ahead
         # one graph per bucket (rank, dtype, device) and function; fullgraph: a graph break or a recompile past
         # dynamo's limit raises instead of running eager unnoticed
         fn = lambda f: torch.compile(f, fullgraph=True) if self.compile else f
-        self._precondition, self._rescale = fn(precondition), fn(rescale)
+        self._refactor_from, self._precondition_grads, self._rescale = map(fn, (refactor_from, precondition_grads,
+                                                                                rescale))
         self._floors = {}  # per bucket: floors(As, Bs) on the device
         self._last = []  # per bucket: the (4 + k,) statistics tensor of the last refactoring (on the device)
+        self._ahead, self._side = {}, {}  # per bucket's _stamp: S̃, S̃⁻¹, statistics, event; per device: a stream
 
     # the refactoring schedule, from the number of steps taken (see the class docstring)
     def _due(self, t):
@@ -453,8 +473,7 @@ class RefLoRA(torch.optim.Optimizer):
             # (a state_dict from before the layout flag has no "transposed": all False)
             flags = g.get("transposed") or [False] * (len(g["params"]) // 2)
             for A, B, t in zip(g["params"][0::2], g["params"][1::2], flags):
-                if A.requires_grad and B.requires_grad and (not need_grads or (A.grad is not None
-                                                                               and B.grad is not None)):
+                if A.requires_grad and B.requires_grad and not (need_grads and (A.grad is None or B.grad is None)):
                     buckets.setdefault((A.shape[1], A.dtype, A.device), []).append((A, B, t))
         return list(buckets.values())
 
@@ -465,19 +484,57 @@ class RefLoRA(torch.optim.Optimizer):
             self._floors[key] = floors([A for A, _, _ in pairs], [B for _, B, _ in pairs], local(pairs[0][0]).device)
         return self._floors[key]
 
+    def _cpu(self, pairs):  # eager on the CPU: float32 Grams where exact (see grams), one thread
+        return not self.compile and pairs[0][0].device.type == "cpu"
+
+    @staticmethod
+    def _views(pairs, f=lambda p: p):
+        """[f(A)], [f(B)] for a bucket (f: the parameter, its gradient, a moment) as (m, r), (n, r) matrices: views."""
+        return [_mat(local(f(A))) for A, _, _ in pairs], [_mat(local(f(B)), t) for _, B, t in pairs]
+
+    def _S(self, pairs, stream=None):
+        """refactor_from on a bucket's factors (FSDP2: this rank's rows, with the Grams summed over the ranks)
+        -> S̃, S̃⁻¹, statistics; on `stream` (CUDA), after the work queued so far on the current one."""
+        floor, (As, Bs) = self._floor(pairs), self._views(pairs)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))  # the weights as the base step left them
+        with torch.cuda.stream(stream), _threads(1 if self._cpu(pairs) else None):
+            return self._refactor_from(As, Bs, floor, _shard_sum(pairs[0][0]), select=self._cpu(pairs))
+
+    @staticmethod
+    def _stamp(pairs):
+        # each factor's identity, storage and version counter (which in-place writes bump)
+        return tuple((id(p), local(p).data_ptr(), local(p)._version) for A, B, _ in pairs for p in (A, B))
+
+    @torch.no_grad()
+    def _refactor_ahead(self):
+        """After step t, with step t+1 due: its S̃, S̃⁻¹ from the new weights (CUDA: on a side stream)."""
+        self._ahead = {}
+        for pairs in self._buckets(need_grads=True):  # this step's pairs: most likely the next one's
+            dev, ps = pairs[0][0].device, [p for A, B, _ in pairs for p in (A, B)]
+            if _shard_sum(ps[0]) is not None:
+                continue  # FSDP2: the Grams' sum is a collective, kept in step order
+            if dev.type != "cuda":
+                self._ahead[self._stamp(pairs)] = (*self._S(pairs), None)
+                continue
+            main, side = torch.cuda.current_stream(dev), self._side.get(dev) or torch.cuda.Stream(dev)
+            self._side[dev] = side
+            out = self._S(pairs, side)
+            for t, stream in [(p, side) for p in ps] + [(t, main) for t in out]:  # for the caching allocator
+                t.record_stream(stream)  # the weights are read on `side`, the results on `main`
+            self._ahead[self._stamp(pairs)] = (*out, side.record_event())
+
     @torch.no_grad()
     def _refactor_before_step(self):
-        self._last = []
+        self._last, ahead, self._ahead = [], self._ahead, {}
         for pairs in self._buckets(need_grads=True):
-            As = [_mat(local(A)) for A, _, _ in pairs]
-            Bs = [_mat(local(B), t) for _, B, t in pairs]
-            gAs = [_mat(local(A.grad)) for A, _, _ in pairs]
-            gBs = [_mat(local(B.grad), t) for _, B, t in pairs]
-            # FSDP2: this rank's rows, with the Grams summed over the ranks; CPU eager: float32 Grams where exact
-            cpu = not self.compile and As[0].device.type == "cpu"
-            with _threads(1 if cpu else None):
-                gAs, gBs, st = self._precondition(As, Bs, gAs, gBs, self._floor(pairs), _shard_sum(pairs[0][0]),
-                                                  select=cpu)
+            # S̃ from _refactor_ahead if no factor changed since (the same _stamp), else now
+            S, Sinv, st, done = ahead.pop(self._stamp(pairs), None) or (*self._S(pairs), None)
+            if done is not None:
+                torch.cuda.current_stream(pairs[0][0].device).wait_event(done)
+            gAs, gBs = self._views(pairs, lambda p: p.grad)
+            with _threads(1 if self._cpu(pairs) else None):
+                gAs, gBs = self._precondition_grads(gAs, gBs, S, Sinv)
             self._last.append(st)
             for (A, B, t), gA, gB in zip(pairs, gAs, gBs):
                 for p, g in ((A, gA), (B, gB.mT if t else gB)):
@@ -495,18 +552,14 @@ class RefLoRA(torch.optim.Optimizer):
             if self.base == "adamw":
                 # every pair passes its moments (zeros before its first step: scaling them is harmless), so
                 # one graph per bucket
-                for A, B, _ in pairs:
-                    for p in (A, B):
-                        if p not in self.state:
-                            self.state[p] = self._init_state(p)
-                view = lambda ps, k: [_mat(local(self.state[p][k]), t) for p, t in ps]
-                As_, Bs_ = [(A, False) for A, _, _ in pairs], [(B, t) for _, B, t in pairs]
-                moments = (view(As_, "exp_avg"), view(As_, "exp_avg_sq"), view(Bs_, "exp_avg"),
-                           view(Bs_, "exp_avg_sq"))
-            As = [_mat(local(A)) for A, _, _ in pairs]
-            Bs = [_mat(local(B), t) for _, B, t in pairs]
+                for p in (p for A, B, _ in pairs for p in (A, B) if p not in self.state):
+                    self.state[p] = self._init_state(p)
+                moment = lambda k: self._views(pairs, lambda p: self.state[p][k])
+                (mA, mB), (vA, vB) = moment("exp_avg"), moment("exp_avg_sq")
+                moments = (mA, vA, mB, vB)
+            As, Bs = self._views(pairs)
             # FSDP2: in place on this rank's rows, norms summed over the ranks
-            with _threads(1 if not self.compile and As[0].device.type == "cpu" else None):
+            with _threads(1 if self._cpu(pairs) else None):
                 self._last.append(self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0])))
 
     def _init_state(self, p):
@@ -575,6 +628,8 @@ class RefLoRA(torch.optim.Optimizer):
                 [s["step"] for s in st], foreach=not fused, fused=fused or None, amsgrad=False, beta1=beta1,
                 beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         self.steps += 1
+        if self.method == "reflora" and self.ahead and self._due(self.steps):
+            self._refactor_ahead()  # the next step's S̃ from the weights just stepped
         # RefLoRA-S (Thm 4): rescale A by √s and B by 1/√s (and Adam's moments) after the base step
         if self.method == "reflora-s" and self._due(self.steps):
             self._refactor_after_step()
@@ -596,7 +651,7 @@ class RefLoRA(torch.optim.Optimizer):
                 raise ValueError(f"RefLoRA.load_state_dict: the state was saved with {k}={meta[k]!r}, this "
                                  f"optimizer has {k}={getattr(self, k)!r}")
         super().load_state_dict(state_dict)
-        self.steps = meta["steps"]
+        self.steps, self._ahead = meta["steps"], {}
         # torch moves `step` to the parameter's device only in fused or capturable groups: put it where step()'s
         # kernel reads it (fused: on the device; foreach: on the CPU), as _init_state does
         for p, st in self.state.items():

@@ -320,6 +320,74 @@ def test_schedule_matches_warmup_and_interval():
             assert calls == [t for t in range(11) if t >= warmup and (t - warmup) % interval == 0]
 
 
+def ahead_run(ahead, dtype=F64, steps=6, warmup=0, interval=1, edit=None, at=3, device="cpu"):
+    """RefLoRA (AdamW) on make_model: per step the raw and the preconditioned gradients and the weights after it,
+    and the number of S̃ computations; edit(params) under no_grad before step `at`."""
+    pairs, head = make_model(dtype=dtype)
+    to = lambda p: torch.nn.Parameter(p.detach().to(device))  # noqa: E731
+    pairs, head = [tuple(map(to, ab)) for ab in pairs], to(head)
+    ps = [p for ab in pairs for p in ab]
+    opt = RefLoRA(pairs, [head], lr=1e-2, warmup=warmup, interval=interval, ahead=ahead, compile=False)
+    calls, orig = [], opt._refactor_from
+    opt._refactor_from = lambda *a, **k: (calls.append(opt.steps), orig(*a, **k))[1]
+    X = torch.randn(16, 8, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    out = []
+    for t in range(steps):
+        if edit is not None and t == at:
+            with torch.no_grad():
+                edit(ps + [head])
+        h = X
+        for A, B in pairs:
+            h = torch.tanh(h @ B @ A.T)
+        opt.zero_grad()
+        (h @ head).square().mean().backward()
+        raw = [p.grad.clone() for p in ps]
+        opt.step()
+        out.append((raw, [p.grad.clone() for p in ps], [p.detach().clone() for p in ps + [head]]))
+    return out, len(calls), opt
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_ahead_equals_computing_at_the_step_bitwise(device):
+    """ahead=True (S̃ of step t+1 computed right after step t; CUDA: on a side stream) gives bitwise the weights and
+    preconditioned gradients of ahead=False, float32 and float64, with and without warmup and interval; each due
+    step's S̃ is computed once, ahead of it (step 0 has no step before it), and the state_dict is the same."""
+    for dtype in (torch.float32, F64):
+        for warmup, interval in ((0, 1), (1, 2)):
+            (now, n_now, o_now), (ahead, n_ahead, o_ahead) = (ahead_run(a, dtype, 7, warmup, interval, device=device)
+                                                              for a in (False, True))
+            for x, y in zip(now, ahead):
+                assert all(torch.equal(a, b) for a, b in zip(x[1] + x[2], y[1] + y[2]))
+            due = [t >= warmup and (t - warmup) % interval == 0 for t in range(8)]
+            assert n_now == sum(due[:7]) and n_ahead == due[0] + sum(due[1:])
+            sd_now, sd_ahead = o_now.state_dict(), o_ahead.state_dict()
+            assert sd_now["param_groups"] == sd_ahead["param_groups"] and sd_now["reflora"] == sd_ahead["reflora"]
+            torch.testing.assert_close(sd_now["state"], sd_ahead["state"], rtol=0, atol=0)
+
+
+def stale_edits():
+    """Changes of the weights between steps: a manual in-place edit, Module.load_state_dict (copy_: other weights),
+    and a new tensor assigned to .data (the same version counter, another storage)."""
+    other = [p.detach() for ab in make_model(seed=1)[0] for p in ab] + [make_model(seed=1)[1].detach()]
+    return {"A.mul_(3)": lambda ps: ps[0].mul_(3),
+            "load_state_dict": lambda ps: torch.nn.ParameterList(ps).load_state_dict(
+                {str(i): v for i, v in enumerate(other)}),
+            "A.data = 3 A": lambda ps: setattr(ps[0], "data", 3 * ps[0].data)}
+
+
+@pytest.mark.parametrize("edit", stale_edits())
+def test_ahead_notices_weights_changed_between_steps(edit):
+    """A weight changed in place after step t (under no_grad) makes the S̃ computed ahead from step t's weights
+    stale: step t+1 recomputes it, and equals ahead=False bitwise; the stale S̃ would have given other gradients."""
+    (now, _, _), (ahead, _, _) = (ahead_run(a, edit=stale_edits()[edit], at=3) for a in (False, True))
+    for x, y in zip(now, ahead):
+        assert all(torch.equal(a, b) for a, b in zip(x[1] + x[2], y[1] + y[2]))
+    raw, got, w = ahead[3][0], ahead[3][1], ahead[2][2]  # step 3's gradients, the weights it was computed ahead from
+    stale = reflora.precondition(w[0:6:2], w[1:6:2], raw[0::2], raw[1::2], select=True)[:2]
+    assert not torch.allclose(stale[0][0], got[0], rtol=1e-3)
+
+
 def test_bad_arguments_raise():
     A, B = (torch.nn.Parameter(t) for t in rand_pair())
     for kw in (dict(method="refl0ra"), dict(base="adam"), dict(interval=0), dict(warmup=-1)):
@@ -388,8 +456,9 @@ def test_zero_factor_is_left_alone_and_then_refactored():
 
 
 def test_compiled_equals_eager_with_one_graph_per_bucket():
-    """3 buckets (r = 2, 3, 4), both methods: each compiled function traces at most one graph per bucket (rescale
-    always gets the moments), and the compiled updates equal the eager ones."""
+    """3 buckets (r = 2, 3, 4), both methods: each compiled function (reflora: refactor_from, precondition_grads,
+    the first also ahead of the step; reflora-s: rescale, which always gets the moments) traces at most one graph
+    per bucket, and the compiled updates equal the eager ones."""
     pytest.importorskip("torch._inductor")
     from torch._dynamo.utils import counters
 
@@ -399,7 +468,7 @@ def test_compiled_equals_eager_with_one_graph_per_bucket():
                 for r in (2, 3, 4, 3)]
 
     def run(pairs, method, compile):
-        opt = RefLoRA(pairs, method=method, lr=1e-2, compile=compile)
+        opt = RefLoRA(pairs, method=method, lr=1e-2, compile=compile, ahead=compile)
         X = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
         for _ in range(3):
             loss = sum(torch.tanh(X @ B @ A.T).square().sum() for A, B in pairs)
@@ -413,7 +482,7 @@ def test_compiled_equals_eager_with_one_graph_per_bucket():
         torch._dynamo.reset()
         counters.clear()
         opt = run(comp, method, True)
-        assert 1 <= counters["stats"]["unique_graphs"] <= 3  # 3 buckets
+        assert 1 <= counters["stats"]["unique_graphs"] <= 3 * (2 if method == "reflora" else 1)  # 3 buckets
         assert opt.stats()["exact"] == 4
         for a, b in zip((p for ab in comp for p in ab), (p for ab in eager for p in ab)):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
