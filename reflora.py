@@ -62,7 +62,9 @@ def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0, La=None):
     factor where one is known more exactly than the Gram (see grams), else None.
     Returns S̃, S̃⁻¹ and (k,) masks exact (S̃ of Thm 3) and usable (else S = I: zero or non-finite factor); pairs
     usable but not exact (numerically rank-deficient Grams: Cholesky fails, a pivot or μ_min ≤ r·eps of the
-    largest) get Thm 4's s·I. And s, and the balance residual of exact pairs (0 for the others).
+    largest) get Thm 4's s·I. And s; τ (inf for the others): max of tr(G)·tr(G⁻¹) ≥ cond(G) over Ga and Gb,
+    which bounds how much an error of δ·tr(G) in a Gram (rounding its products, δ ~ eps) can move S̃: by about
+    δ·τ; and what balance_residual needs (the unit-trace Ga, Gb, K, Kit, M's eigenvalues).
     """
     r = Ga.shape[-1]
     eye = torch.eye(r, dtype=Ga.dtype, device=Ga.device)
@@ -89,20 +91,27 @@ def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0, La=None):
     # Thm 3: S̃ = La⁻ᵀ W M^{1/2} Wᵀ La⁻¹ (then S̃ AᵀA S̃ = BᵀB) and S̃⁻¹ = La W M^{-1/2} Wᵀ Laᵀ
     K = torch.linalg.solve_triangular(La.mT, W, upper=True)  # La⁻ᵀ W
     Kit = La @ W
+    # τ from the same factors (unit-trace Grams): Ga⁻¹ = K Kᵀ, Gb⁻¹ = Kit M⁻¹ Kitᵀ
+    tau = torch.maximum(K.square().sum((-2, -1)), (Kit.square() / mu.unsqueeze(-2)).sum((-2, -1)))
     S = torch.where(exact[..., None, None], (K * mu.sqrt().unsqueeze(-2)) @ K.mT, eye)
     Sinv = torch.where(exact[..., None, None], (Kit * mu.rsqrt().unsqueeze(-2)) @ Kit.mT, eye)
-    # balance residual ‖ÃᵀÃ - B̃ᵀB̃‖_F / ‖ÃᵀÃ‖_F with Ã = A P, B̃ = B P⁻ᵀ for P = K M^{1/4}, P⁻ᵀ = Kit M^{-1/4}
-    # (PPᵀ = S̃; any such P gives the same norm as P = S̃^{1/2}: they differ by an orthogonal factor)
+    s_ = s[..., None, None]
+    return s_ * S, Sinv / s_, exact, usable, s, torch.where(exact, tau, math.inf), Ga, Gb, K, Kit, mu
+
+
+def balance_residual(exact, Ga, Gb, K, Kit, mu):
+    """‖ÃᵀÃ - B̃ᵀB̃‖_F / ‖ÃᵀÃ‖_F of each pair refactored by Thm 3 (0 for the others), from what _refactor returns:
+    Ã = A P, B̃ = B P⁻ᵀ for P = K M^{1/4}, P⁻ᵀ = Kit M^{-1/4} (PPᵀ = S̃; any such P gives the same norm as
+    P = S̃^{1/2}: they differ by an orthogonal factor). Scale-free, so from the unit-trace Grams."""
     P, Pit = K * mu.pow(0.25).unsqueeze(-2), Kit * mu.pow(-0.25).unsqueeze(-2)
     GA, GB = P.mT @ Ga @ P, Pit.mT @ Gb @ Pit
-    resid = torch.linalg.matrix_norm(GA - GB) / torch.linalg.matrix_norm(GA)
-    s_ = s[..., None, None]
-    return s_ * S, Sinv / s_, exact, usable, s, torch.where(exact, resid, 0.0)
+    return torch.where(exact, torch.linalg.matrix_norm(GA - GB) / torch.linalg.matrix_norm(GA), 0.0)
 
 
 def _stats(exact, usable, s, resid):
     """(4 + k,) float64 on the device: pairs refactored exactly, by the scalar fallback, left alone; the largest
-    balance residual; then s per pair (NaN where left alone). No host sync: read by RefLoRA.stats()."""
+    balance residual (NaN: not computed yet); then s per pair (NaN where left alone). No host sync: read by
+    RefLoRA.stats()."""
     n = lambda m: m.sum(-1, keepdim=True).to(DT)
     return torch.cat([n(exact), n(usable & ~exact), n(~usable), resid.amax(-1, keepdim=True),
                       torch.where(usable, s, float("nan"))])
@@ -121,39 +130,24 @@ def _cholqr2(X, L1):
     return torch.where((info == 0)[..., None, None], L1 @ L2, float("nan"))
 
 
-def grams(As, Bs, select=False, la=True):
+def grams(As, Bs, la=True, fast=False):
     """Ga = AᵀA, Gb = BᵀB (k, r, r) float64, and La (k, r, r) with La Laᵀ = AᵀA, for lists of factors.
 
-    select=False: float64 Grams, every La from one CholeskyQR2 pass (no data-dependent branch: for graphs and side
-    streams). select=True (eager on the CPU, where reading a mask costs no device sync): float32 Grams of
-    float32/bf16 factors where κ = ‖G‖_F ‖G⁻¹‖_F ≥ cond(G) stays ≤ 1e3, float64 elsewhere, and CholeskyQR2 only
-    for the A with κ > 1e8. la=False: no La (row shards, whose Grams are summed first), None instead.
+    Float64 Grams, every La from one CholeskyQR2 pass (no data-dependent branch: for graphs and side streams).
+    la=False: no La (row shards, whose Grams are summed first), None instead. fast: the Grams of float32/bf16
+    factors from float32 products, no La: refactor_from's first pass on the CPU (kept where its check passes).
     """
     Xs, k = [*As, *Bs], len(As)
-
-    def kappa(G, L, info):  # ‖G‖_F ‖G⁻¹‖_F from G's Cholesky factor; inf where the Cholesky failed
-        ok = (info == 0)[..., None, None]
-        Li = torch.cholesky_inverse(torch.where(ok, L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)))
-        return torch.where(info == 0, torch.linalg.matrix_norm(G) * torch.linalg.matrix_norm(Li), float("inf"))
-    if select and As[0].dtype != DT:
-        G = torch.stack([X.float().mT @ X.float() for X in Xs])
-        L, info = torch.linalg.cholesky_ex(G)
-        G = G.to(DT)
-        for i in (~(kappa(G, L.to(DT), info) <= 1e3)).nonzero().flatten().tolist():
-            G[i] = _gram(Xs[i])
-    else:
-        G = torch.stack([_gram(X) for X in Xs])
+    if fast and As[0].dtype != DT:
+        G = torch.stack([X.float().mT @ X.float() for X in Xs]).to(DT)
+        return G[:k], G[k:], None
+    G = torch.stack([_gram(X) for X in Xs])
     Ga, Gb = G[:k], G[k:]
     if not la:
         return Ga, Gb, None
     La, info = torch.linalg.cholesky_ex(Ga)
-    todo = (~(kappa(Ga, La, info) <= 1e8)).nonzero().flatten().tolist() if select else range(k)
     La = torch.where((info == 0)[..., None, None], La, float("nan"))
-    if len(todo):
-        La = La.clone() if select else torch.stack([_cholqr2(A, L) for A, L in zip(As, La.unbind(0))])
-        for i in todo if select else ():
-            La[i] = _cholqr2(As[i], La[i])
-    return Ga, Gb, La
+    return Ga, Gb, torch.stack([_cholqr2(A, L) for A, L in zip(As, La.unbind(0))])
 
 
 def optimal_S(A, B):
@@ -186,16 +180,30 @@ def floors(As, Bs, device=None):
 
 
 def refactor_from(As, Bs, floor=None, reduce=None, select=False):
-    """RefLoRA's weight-only part (Thm 3): S̃, S̃⁻¹ (k, r, r) float64 for pairs of one rank r, and the bucket's
-    statistics (see _stats). floor: `floors(As, Bs)` (built here if None). reduce: for row shards of the factors
-    (FSDP), a sum over the shards (the Grams are sums over rows; La then from the summed Gram). select: see grams."""
+    """RefLoRA's weight-only part (Thm 3): S̃, S̃⁻¹ (k, r, r) float64 for pairs of one rank r, the bucket's
+    statistics (see _stats; the residual left NaN) and `parts`, from which balance_residual(*parts) gives the
+    residual when it is asked for (RefLoRA.stats, once per log line). floor: `floors(As, Bs)` (built here if
+    None). reduce: for row shards of the factors (FSDP), a sum over the shards (the Grams are sums over rows; La
+    then from the summed Gram).
+    select (eager on the CPU, where reading a mask costs no device sync): float32 Grams first, and the float64
+    path only for the pairs where they may not be exact (τ > 300·r, see _refactor, or not refactored by Thm 3)."""
     floor = floors(As, Bs, As[0].device) if floor is None else floor
-    # one batched r×r computation for all pairs, whatever their m and n (see grams)
-    Ga, Gb, La = grams(As, Bs, select and reduce is None, la=reduce is None)  # (k, r, r)
-    if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
-        Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
-    S, Sinv, exact, usable, s, resid = _refactor(Ga, Gb, As[0].dtype, floor[0], floor[1], La)  # (k, r, r)
-    return S, Sinv, _stats(exact, usable, s, resid)
+    dt, r = As[0].dtype, As[0].shape[-1]
+    if select and reduce is None and dt != DT:
+        # one batched r×r computation for all pairs, whatever their m and n
+        out = _refactor(*grams(As, Bs, fast=True)[:2], dt, floor[0], floor[1])
+        redo = (~(out[2] & (out[5] <= 300 * r))).nonzero().flatten().tolist()
+        if redo:
+            Ga, Gb, La = grams([As[i] for i in redo], [Bs[i] for i in redo])
+            for x, y in zip(out, _refactor(Ga, Gb, dt, floor[0, redo], floor[1, redo], La)):
+                x[redo] = y
+    else:
+        Ga, Gb, La = grams(As, Bs, la=reduce is None)  # (k, r, r)
+        if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
+            Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
+        out = _refactor(Ga, Gb, dt, floor[0], floor[1], La)
+    S, Sinv, exact, usable, s = out[:5]
+    return S, Sinv, _stats(exact, usable, s, torch.full_like(s, math.nan)), (exact, *out[6:])
 
 
 def precondition_grads(gAs, gBs, S, Sinv):
@@ -215,22 +223,33 @@ def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
     S̃ comes from the weights only (refactor_from; floor, reduce, select: see there), then the products with the
     gradients (precondition_grads). Also returns the bucket's statistics (see _stats).
     """
-    S, Sinv, st = refactor_from(As, Bs, floor, reduce, select)
+    S, Sinv, st, parts = refactor_from(As, Bs, floor, reduce, select)
+    st[3] = balance_residual(*parts).amax()
     return (*precondition_grads(gAs, gBs, S, Sinv), st)
 
 
-def rescale(As, Bs, moments, floor=None, reduce=None):
+def _norms2(Xs, select=False):
+    """‖X‖²_F (k,) float64 of each X. select (eager on the CPU): float32 sums for float32/bf16 factors (their
+    relative error, ~1e-7, moves s by as much), float64 where those could under- or overflow (‖X‖ ∉ (1e-15, 1e15))."""
+    if not (select and Xs[0].dtype != DT):
+        return torch.stack(torch._foreach_norm(Xs, 2, dtype=DT)).square()
+    n = torch.stack(torch._foreach_norm(Xs, 2, dtype=torch.float32)).to(DT)
+    for i in (~((n > 1e-15) & (n < 1e15))).nonzero().flatten().tolist():
+        n[i] = torch.linalg.vector_norm(Xs[i], dtype=DT)
+    return n.square()
+
+
+def rescale(As, Bs, moments, floor=None, reduce=None, select=False):
     """RefLoRA-S after the base step (Thm 4): Ã = √s A, B̃ = B/√s, so ‖Ã‖_F = ‖B̃‖_F, in place.
 
     Adam's moments follow the gradients into the new coordinates: ∇Ã = ∇A/√s and ∇B̃ = √s ∇B, so the first
     moments scale like the gradients and the second moments like their squares. `moments` is
     (mA, vA, mB, vB) lists, or None for plain gradient descent. floor: `floors(As, Bs)` (built here if None).
-    reduce: a sum over row shards (FSDP), or None. Returns the bucket's statistics (see _stats; every usable
-    pair counts as exact).
+    reduce: a sum over row shards (FSDP), or None. select: see _norms2 (not with reduce). Returns the bucket's
+    statistics (see _stats; every usable pair counts as exact).
     """
     floor = floors(As, Bs, As[0].device) if floor is None else floor
-    a2 = torch.stack(torch._foreach_norm(As, 2, dtype=DT)).square()
-    b2 = torch.stack(torch._foreach_norm(Bs, 2, dtype=DT)).square()
+    a2, b2 = _norms2([*As, *Bs], select and reduce is None).split(len(As))
     if reduce is not None:  # ‖A‖²_F = Σ_shards ‖A_i‖²_F
         a2, b2 = reduce(torch.stack([a2, b2])).unbind(0)
     # Thm 4: s = ‖B‖_F / ‖A‖_F (clamped; 1, a no-op, where a factor is zero or non-finite)
@@ -302,8 +321,8 @@ def _shard_sum(t):
 
 @contextlib.contextmanager
 def _threads(n):
-    """torch's CPU threads set to n inside (None: unchanged). The per-pair products and Grams are too small to
-    share between threads: one thread each runs them faster than intra-op threading."""
+    """torch's CPU threads set to n inside (None: unchanged). RefLoRA-S's per-factor norms and scalings are too
+    small to share between threads: one thread runs them faster than intra-op threading."""
     old = torch.get_num_threads()
     torch.set_num_threads(n or old)
     try:
@@ -455,7 +474,8 @@ class RefLoRA(torch.optim.Optimizer):
         self._refactor_from, self._precondition_grads, self._rescale = map(fn, (refactor_from, precondition_grads,
                                                                                 rescale))
         self._floors = {}  # per bucket: floors(As, Bs) on the device
-        self._last = []  # per bucket: the (4 + k,) statistics tensor of the last refactoring (on the device)
+        self._last = []  # per bucket: the last refactoring's (4 + k,) statistics (on the device), and its parts
+        # (RefLoRA: for balance_residual, computed in stats()) or None
         self._ahead, self._side = {}, {}  # per bucket's _stamp: S̃, S̃⁻¹, statistics, event; per device: a stream
 
     # the refactoring schedule, from the number of steps taken (see the class docstring)
@@ -484,7 +504,7 @@ class RefLoRA(torch.optim.Optimizer):
             self._floors[key] = floors([A for A, _, _ in pairs], [B for _, B, _ in pairs], local(pairs[0][0]).device)
         return self._floors[key]
 
-    def _cpu(self, pairs):  # eager on the CPU: float32 Grams where exact (see grams), one thread
+    def _cpu(self, pairs):  # eager on the CPU: float32 Grams and norms where exact (refactor_from's select, _norms2)
         return not self.compile and pairs[0][0].device.type == "cpu"
 
     @staticmethod
@@ -498,7 +518,7 @@ class RefLoRA(torch.optim.Optimizer):
         floor, (As, Bs) = self._floor(pairs), self._views(pairs)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(stream.device))  # the weights as the base step left them
-        with torch.cuda.stream(stream), _threads(1 if self._cpu(pairs) else None):
+        with torch.cuda.stream(stream):
             return self._refactor_from(As, Bs, floor, _shard_sum(pairs[0][0]), select=self._cpu(pairs))
 
     @staticmethod
@@ -520,7 +540,7 @@ class RefLoRA(torch.optim.Optimizer):
             main, side = torch.cuda.current_stream(dev), self._side.get(dev) or torch.cuda.Stream(dev)
             self._side[dev] = side
             out = self._S(pairs, side)
-            for t, stream in [(p, side) for p in ps] + [(t, main) for t in out]:  # for the caching allocator
+            for t, stream in [(p, side) for p in ps] + [(t, main) for t in (*out[:3], *out[3])]:  # for the allocator
                 t.record_stream(stream)  # the weights are read on `side`, the results on `main`
             self._ahead[self._stamp(pairs)] = (*out, side.record_event())
 
@@ -529,13 +549,12 @@ class RefLoRA(torch.optim.Optimizer):
         self._last, ahead, self._ahead = [], self._ahead, {}
         for pairs in self._buckets(need_grads=True):
             # S̃ from _refactor_ahead if no factor changed since (the same _stamp), else now
-            S, Sinv, st, done = ahead.pop(self._stamp(pairs), None) or (*self._S(pairs), None)
+            S, Sinv, st, parts, done = (ahead and ahead.pop(self._stamp(pairs), None)) or (*self._S(pairs), None)
             if done is not None:
                 torch.cuda.current_stream(pairs[0][0].device).wait_event(done)
             gAs, gBs = self._views(pairs, lambda p: p.grad)
-            with _threads(1 if self._cpu(pairs) else None):
-                gAs, gBs = self._precondition_grads(gAs, gBs, S, Sinv)
-            self._last.append(st)
+            gAs, gBs = self._precondition_grads(gAs, gBs, S, Sinv)
+            self._last.append((st, parts))
             for (A, B, t), gA, gB in zip(pairs, gAs, gBs):
                 for p, g in ((A, gA), (B, gB.mT if t else gB)):
                     g = g.reshape(local(p.grad).shape)  # a conv factor's shape
@@ -560,7 +579,8 @@ class RefLoRA(torch.optim.Optimizer):
             As, Bs = self._views(pairs)
             # FSDP2: in place on this rank's rows, norms summed over the ranks
             with _threads(1 if self._cpu(pairs) else None):
-                self._last.append(self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0])))
+                st = self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0]), self._cpu(pairs))
+                self._last.append((st, None))
 
     def _init_state(self, p):
         # torch.optim.AdamW's state layout (step on the parameter's device for the fused kernel)
@@ -576,7 +596,8 @@ class RefLoRA(torch.optim.Optimizer):
         """The last refactoring's counts, residual and s (see the class docstring): one host sync, {} if none."""
         if not self._last:
             return {}
-        st = [t.cpu() for t in self._last]
+        st = [(t if parts is None else torch.cat([t[:3], balance_residual(*parts).amax()[None], t[4:]])).cpu()
+              for t, parts in self._last]
         exact, fallback, alone, resid = torch.stack([t[:4] for t in st]).T
         s = torch.cat([t[4:] for t in st])
         s = s[~s.isnan()]
@@ -596,7 +617,7 @@ class RefLoRA(torch.optim.Optimizer):
             # the authors' initial balance (their constructor's), here so that a restored optimizer never moves
             # the weights; the gradients, taken at (A, B), follow the factors. Thm 4: ∇Ã = ∇A/√s, ∇B̃ = √s ∇B
             self._refactor_after_step()
-            for pairs, st in zip(self._buckets(need_grads=False), self._last):
+            for pairs, (st, _) in zip(self._buckets(need_grads=False), self._last):
                 for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0)):  # s per pair (_stats; NaN: s = 1)
                     for p, f in ((A, s.rsqrt()), (B, s.sqrt())):
                         if p.grad is not None:

@@ -523,8 +523,7 @@ def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, 
     for select in (False, True):
         pA, pB, _ = reflora.precondition([A], [B], [gA], [gB], select=select)
         assert rel(pB[0].to(F64), gB.to(F64) @ ref) < tol
-        Ga, Gb, La = reflora.grams([A], [B], select)
-        assert rel(reflora._refactor(Ga, Gb, dtype, La=La)[0][0], ref) < 1e-4
+        assert rel(reflora.refactor_from([A], [B], select=select)[0][0], ref) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -537,6 +536,29 @@ def test_S_is_exact_for_a_tall_factor_of_cond_1e6(dtype):
     A, B = conditioned(576, 4, 1e6, 1, dtype), 5 * conditioned(400, 4, 1, 2, dtype)
     Ga, Gb, _ = reflora.grams([A], [B])
     assert rel(reflora._refactor(Ga, Gb, dtype)[0][0], closed_form_S(A, B)) > 1e-4  # the Gram alone: not exact
+
+
+def test_select_keeps_float32_grams_only_where_they_are_exact():
+    """refactor_from(select=True), the CPU's path: the float32 Grams' S̃ is kept for a well-conditioned pair, and
+    a pair whose float32 Grams would miss the 1e-4 bar (cond(A) = cond(B) = 300) is recomputed from float64 ones."""
+    As = [conditioned(300, 8, c, 1 + i, torch.float32) for i, c in enumerate((2, 300))]
+    Bs = [conditioned(400, 8, c, 3 + i, torch.float32) for i, c in enumerate((2, 300))]
+    fast = reflora._refactor(*reflora.grams(As, Bs, fast=True)[:2], torch.float32)[0]
+    S = reflora.refactor_from(As, Bs, select=True)[0]
+    ref = [closed_form_S(A, B) for A, B in zip(As, Bs)]
+    assert torch.equal(S[0], fast[0]) and rel(S[0], ref[0]) < 1e-4  # kept
+    assert rel(fast[1], ref[1]) > 1e-4 and rel(S[1], ref[1]) < 1e-4  # recomputed
+
+
+def test_rescale_norms_fall_back_to_float64_where_float32_under_or_overflows():
+    """rescale(select=True), the CPU's path: ‖·‖ from float32 sums, but a factor whose squares underflow (1e-22)
+    or overflow (1e20) float32 gets its float64 norm: the same s as select=False, not a pair left alone."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g)
+    pairs = [(1e-22 * rnd(30, 4), rnd(20, 4)), (rnd(30, 4), 1e20 * rnd(20, 4)), (rnd(30, 4), rnd(20, 4))]
+    s = {select: reflora.rescale([A.clone() for A, _ in pairs], [B.clone() for _, B in pairs], None,
+                                 select=select)[4:] for select in (False, True)}
+    assert (s[False] != 1).all() and torch.allclose(s[True], s[False], rtol=1e-6)
 
 
 def test_rank_deficient_pair_falls_back_to_scalar_and_tiny_pair_is_left_alone():
@@ -608,7 +630,7 @@ def test_stats_count_pairs_residual_and_s():
                 A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
             opt.step()
         # kept as device tensors until stats() is called (no .item() in step())
-        assert opt._last and all(isinstance(t, torch.Tensor) for t in opt._last)
+        assert opt._last and all(isinstance(t, torch.Tensor) for t, _ in opt._last)
         st = opt.stats()
         assert all(isinstance(v, float) for v in st.values())
         assert st["exact"] + st["fallback"] + st["alone"] == len(pairs)
@@ -624,10 +646,11 @@ def test_stats_count_pairs_residual_and_s():
 
 
 def test_residual_measures_the_balance():
-    """_refactor's residual is ‖ÃᵀÃ - B̃ᵀB̃‖/‖ÃᵀÃ‖ of the refactored pair: near 0 for S̃, not for a wrong S."""
+    """balance_residual is ‖ÃᵀÃ - B̃ᵀB̃‖/‖ÃᵀÃ‖ of the refactored pair: near 0 for S̃, not for a wrong S."""
     A, B = rand_pair(m=20, n=15, r=4)
     Ga, Gb = (A.T @ A)[None], (B.T @ B)[None]
-    *_, resid = reflora._refactor(Ga, Gb, F64)
+    out = reflora._refactor(Ga, Gb, F64)
+    resid = reflora.balance_residual(out[2], *out[6:])
     assert resid.item() < 1e-12
     At, Bt = reflora.balance(A, B)
     assert rel(At.T @ At, Bt.T @ Bt) < 1e-10  # what the residual stands for
