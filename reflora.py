@@ -228,28 +228,17 @@ def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
     return (*precondition_grads(gAs, gBs, S, Sinv), st)
 
 
-def _norms2(Xs, select=False):
-    """‖X‖²_F (k,) float64 of each X. select (eager on the CPU): float32 sums for float32/bf16 factors (their
-    relative error, ~1e-7, moves s by as much), float64 where those could under- or overflow (‖X‖ ∉ (1e-15, 1e15))."""
-    if not (select and Xs[0].dtype != DT):
-        return torch.stack(torch._foreach_norm(Xs, 2, dtype=DT)).square()
-    n = torch.stack(torch._foreach_norm(Xs, 2, dtype=torch.float32)).to(DT)
-    for i in (~((n > 1e-15) & (n < 1e15))).nonzero().flatten().tolist():
-        n[i] = torch.linalg.vector_norm(Xs[i], dtype=DT)
-    return n.square()
-
-
-def rescale(As, Bs, moments, floor=None, reduce=None, select=False):
+def rescale(As, Bs, moments, floor=None, reduce=None):
     """RefLoRA-S after the base step (Thm 4): Ã = √s A, B̃ = B/√s, so ‖Ã‖_F = ‖B̃‖_F, in place.
 
     Adam's moments follow the gradients into the new coordinates: ∇Ã = ∇A/√s and ∇B̃ = √s ∇B, so the first
     moments scale like the gradients and the second moments like their squares. `moments` is
     (mA, vA, mB, vB) lists, or None for plain gradient descent. floor: `floors(As, Bs)` (built here if None).
-    reduce: a sum over row shards (FSDP), or None. select: see _norms2 (not with reduce). Returns the bucket's
-    statistics (see _stats; every usable pair counts as exact).
+    reduce: a sum over row shards (FSDP), or None. Returns the bucket's statistics (see _stats; every usable
+    pair counts as exact).
     """
     floor = floors(As, Bs, As[0].device) if floor is None else floor
-    a2, b2 = _norms2([*As, *Bs], select and reduce is None).split(len(As))
+    a2, b2 = torch.stack(torch._foreach_norm([*As, *Bs], 2, dtype=DT)).square().split(len(As))
     if reduce is not None:  # ‖A‖²_F = Σ_shards ‖A_i‖²_F
         a2, b2 = reduce(torch.stack([a2, b2])).unbind(0)
     # Thm 4: s = ‖B‖_F / ‖A‖_F (clamped; 1, a no-op, where a factor is zero or non-finite)
@@ -504,7 +493,7 @@ class RefLoRA(torch.optim.Optimizer):
             self._floors[key] = floors([A for A, _, _ in pairs], [B for _, B, _ in pairs], local(pairs[0][0]).device)
         return self._floors[key]
 
-    def _cpu(self, pairs):  # eager on the CPU: float32 Grams and norms where exact (refactor_from's select, _norms2)
+    def _cpu(self, pairs):  # eager on the CPU: float32 Grams where exact (refactor_from's select)
         return not self.compile and pairs[0][0].device.type == "cpu"
 
     @staticmethod
@@ -579,7 +568,7 @@ class RefLoRA(torch.optim.Optimizer):
             As, Bs = self._views(pairs)
             # FSDP2: in place on this rank's rows, norms summed over the ranks
             with _threads(1 if self._cpu(pairs) else None):
-                st = self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0]), self._cpu(pairs))
+                st = self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0]))
                 self._last.append((st, None))
 
     def _init_state(self, p):
