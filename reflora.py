@@ -91,10 +91,11 @@ def _refactor(Ga, Gb, dtype, floor_a=0.0, floor_b=0.0, La=None):
     # Thm 3: S̃ = La⁻ᵀ W M^{1/2} Wᵀ La⁻¹ (then S̃ AᵀA S̃ = BᵀB) and S̃⁻¹ = La W M^{-1/2} Wᵀ Laᵀ
     K = torch.linalg.solve_triangular(La.mT, W, upper=True)  # La⁻ᵀ W
     Kit = La @ W
-    # τ from the same factors (unit-trace Grams): Ga⁻¹ = K Kᵀ, Gb⁻¹ = Kit M⁻¹ Kitᵀ
-    tau = torch.maximum(K.square().sum((-2, -1)), (Kit.square() / mu.unsqueeze(-2)).sum((-2, -1)))
-    S = torch.where(exact[..., None, None], (K * mu.sqrt().unsqueeze(-2)) @ K.mT, eye)
-    Sinv = torch.where(exact[..., None, None], (Kit * mu.rsqrt().unsqueeze(-2)) @ Kit.mT, eye)
+    Kh, Kith = K * mu.sqrt().unsqueeze(-2), Kit * mu.rsqrt().unsqueeze(-2)  # La⁻ᵀ W M^{1/2}, La W M^{-1/2}
+    S = torch.where(exact[..., None, None], Kh @ K.mT, eye)
+    Sinv = torch.where(exact[..., None, None], Kith @ Kit.mT, eye)
+    # τ from the same factors (unit-trace Grams): tr(Ga⁻¹) = ‖K‖²_F (Ga⁻¹ = K Kᵀ), tr(Gb⁻¹) = ‖Kith‖²_F
+    tau = torch.maximum(torch.linalg.matrix_norm(K), torch.linalg.matrix_norm(Kith)).square()
     s_ = s[..., None, None]
     return s_ * S, Sinv / s_, exact, usable, s, torch.where(exact, tau, math.inf), Ga, Gb, K, Kit, mu
 

@@ -456,12 +456,13 @@ def main(argv=None):
             print(f"train.py: {e.line()}", file=sys.stderr)
             sys.exit(128 + e.signum)
         finally:
-            if torch.distributed.is_initialized():
+            launched = torch.distributed.is_initialized()
+            if launched:
                 torch.distributed.destroy_process_group()
-    if cfg["fsdp"] and argv is None:
-        # FSDP2 keeps the gloo process group (and its threads) alive past destroy_process_group; one of them
-        # meeting the interpreter's finalization aborts the process ('terminate called without an active
-        # exception'), so a finished sharded run leaves at once, everything written and flushed
+    if launched and argv is None:
+        # FSDP2's and DDP's modules keep the gloo process group (and its threads) alive past
+        # destroy_process_group; one of them meeting the interpreter's finalization aborts the process ('terminate
+        # called without an active exception'), so a finished torchrun run leaves at once, written and flushed
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
