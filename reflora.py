@@ -522,8 +522,8 @@ class RefLoRA(torch.optim.Optimizer):
         self._ahead = {}
         for pairs in self._buckets(need_grads=True):  # this step's pairs: most likely the next one's
             dev, ps = pairs[0][0].device, [p for A, B, _ in pairs for p in (A, B)]
-            if _shard_sum(ps[0]) is not None:
-                continue  # FSDP2: the Grams' sum is a collective, kept in step order
+            if hasattr(ps[0], "device_mesh"):
+                continue  # FSDP2 (DTensor factors): the Grams' sum is a collective, kept in step order
             if dev.type != "cuda":
                 self._ahead[self._stamp(pairs)] = (*self._S(pairs), None)
                 continue

@@ -646,6 +646,10 @@ def test_residual_measures_the_balance():
     # a pair refactored by s·I only (the fallback's balance) is far from balanced: the measure can fail
     s = optimal_s(A, B)
     assert rel(s * A.T @ A, B.T @ B / s) > 1e-2
+    # and so can balance_residual: S̃'s parts for (A, B) applied to B D, D = diag(1, 2, 1, 1), are not balanced
+    d = torch.tensor([1.0, 2.0, 1.0, 1.0], dtype=F64)
+    Gb2 = Gb * d[:, None] * d  # (B D)ᵀ(B D)
+    assert reflora.balance_residual(out[2], out[6], Gb2 / Gb2[0].trace(), *out[8:]).item() > 1e-2
 
 # -----------------------------------------------------------------------------
 # RefLoRA on a PEFT-style module tree (no peft import: the layout is built here)
