@@ -188,7 +188,9 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     compiled-vs-eager loss check. compile: torch.compile the model's forward as train.py does (a wrapper sharing
     the parameters) and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short.
     RefLoRA's default `ahead` (CUDA: the next step's S̃ on a side stream at the end of step()): the device sync after
-    opt.step() waits for that work too, so opt_ms counts it instead of letting it overlap the next forward."""
+    opt.step() waits for that work too, so opt_ms counts it instead of letting it overlap the next forward. Each
+    method steps its own copy of the LoRA factors, swapped into the model for its step: shared ones would be
+    changed by the other methods between two of its steps, and RefLoRA would redo the S̃ it computed ahead."""
     device = tokens.device
     cuda, amp = device.type == "cuda", M.autocast(model)
     with torch.no_grad(), amp:
@@ -203,11 +205,15 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     model.zero_grad(set_to_none=True)
     first_s = time.perf_counter() - t0
     log(f"first forward + backward (compile={compile}): {first_s:.1f} s; loss {loss_fwd:.5f}, eager {loss_eager:.5f}")
-    opts = {m: reflora.RefLoRA(model.lora_pairs(), method=m, lr=1e-5, warmup=0, compile=compile)
-            for m in reflora.METHODS}
+    layers = [x for x in model.modules() if isinstance(x, M.LoRALinear)]
+    own = {m: [tuple(torch.nn.Parameter(p.detach().clone()) for p in (x.A, x.B)) for x in layers]
+           for m in reflora.METHODS}
+    opts = {m: reflora.RefLoRA(own[m], method=m, lr=1e-5, warmup=0, compile=compile) for m in reflora.METHODS}
     times = {m: {"step": [], "opt": [], "mem": 0} for m in opts}
 
     def step(opt):
+        for x, (A, B) in zip(layers, own[opt.method]):
+            x.A, x.B = A, B
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
