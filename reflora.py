@@ -193,8 +193,9 @@ def refactor_from(As, Bs, floor=None, reduce=None, select=False):
     if select and reduce is None and dt != DT:
         # one batched r×r computation for all pairs, whatever their m and n
         out = _refactor(*grams(As, Bs, fast=True)[:2], dt, floor[0], floor[1])
-        redo = (~(out[2] & (out[5] <= 300 * r))).nonzero().flatten().tolist()
-        if redo:
+        exact, tau = out[2], out[5]
+        redo = (~(exact & (tau <= 300 * r))).nonzero().flatten().tolist()
+        if redo:  # in place: out's tensors take the float64 results of those pairs
             Ga, Gb, La = grams([As[i] for i in redo], [Bs[i] for i in redo])
             for x, y in zip(out, _refactor(Ga, Gb, dt, floor[0, redo], floor[1, redo], La)):
                 x[redo] = y
@@ -203,8 +204,8 @@ def refactor_from(As, Bs, floor=None, reduce=None, select=False):
         if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
             Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
         out = _refactor(Ga, Gb, dt, floor[0], floor[1], La)
-    S, Sinv, exact, usable, s = out[:5]
-    return S, Sinv, _stats(exact, usable, s, torch.full_like(s, math.nan)), (exact, *out[6:])
+    S, Sinv, exact, usable, s, _, *parts = out
+    return S, Sinv, _stats(exact, usable, s, torch.full_like(s, math.nan)), (exact, *parts)
 
 
 def precondition_grads(gAs, gBs, S, Sinv):
