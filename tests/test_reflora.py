@@ -528,14 +528,19 @@ def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_S_is_exact_for_a_tall_factor_of_cond_1e6(dtype):
-    """A 576×4 with cond(A) = 1e6: the float64 Gram's own eps·cond(A)² error (3.6e-4 in S̃) is removed by
-    CholeskyQR2; without that pass the same check fails."""
+    """A 576×4 with cond(A) = 1e6 (README's corner) and 1e7: the float64 Gram's own eps·cond(A)² error is removed
+    by CholeskyQR2. Without that pass the check fails at 1e7 (3e-3 to 8e-3 here); at 1e6 the Gram alone gives 2e-5
+    to 4e-4, by the machine's float64 matmul kernel, so 1e6 cannot be the negative control."""
     test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, 4, 1e6, 1, m=576)
     if dtype == torch.bfloat16:
         return  # rounded to bf16, A is no longer that ill-conditioned
-    A, B = conditioned(576, 4, 1e6, 1, dtype), 5 * conditioned(400, 4, 1, 2, dtype)
-    Ga, Gb, _ = reflora.grams([A], [B])
-    assert rel(reflora._refactor(Ga, Gb, dtype)[0][0], closed_form_S(A, B)) > 1e-4  # the Gram alone: not exact
+    for seed in (1, 2, 3):
+        A, B = conditioned(576, 4, 1e7, seed, dtype), 5 * conditioned(400, 4, 1, seed + 10, dtype)
+        ref = closed_form_S(A, B)
+        for select in (False, True):
+            assert rel(reflora.refactor_from([A], [B], select=select)[0][0], ref) < 1e-4
+        Ga, Gb, _ = reflora.grams([A], [B], la=False)
+        assert rel(reflora._refactor(Ga, Gb, dtype)[0][0], ref) > 1e-4  # the Gram alone: not exact
 
 
 def test_select_keeps_float32_grams_only_where_they_are_exact():
