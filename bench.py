@@ -12,7 +12,8 @@ reported apart, device and versions printed).
     python bench.py --generate --model=tiny                 # batched beam search vs one example at a time
     python bench.py --refactor [--pairs=160] [--rank=32]   # one refactor step, LLaMA-7B shapes
 
-The paper's toy problem and the AdamW step probe are experiments, not speed: experiments.py.
+The suite's correctness parts (train.py end to end, S̃ and one step against float64) are in devcheck.py; the
+paper's toy problem and the AdamW step probe are experiments, not speed: experiments.py.
 
 References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), the overhead chart of the authors' repository;
 gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
@@ -22,11 +23,9 @@ import gc
 import json
 import os
 import platform
-import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,12 +33,11 @@ import traceback
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+import devcheck
 import model as M
 import reflora
-import weights as W
-from runstate import atomic_write, read_state
+from runstate import atomic_write
 from sample import MAX_BEAMS, generate
 
 # -----------------------------------------------------------------------------
@@ -334,78 +332,7 @@ def bench_generate(args):
 
 
 # -----------------------------------------------------------------------------
-# train.py's own loop, as subprocesses: a random-weight Hugging Face checkpoint and synthetic data in a temp dir
-
-
-def write_inputs(d, name, dtype, seq_len, n_test):
-    """d/ckpt (random weights, HF names and q/k rows), d/fixed.jsonl (every example longer than seq_len: cut to
-    it), d/varied.jsonl (lengths differ: length-grouped batches), d/data/dataset/boolq/test.json."""
-    torch.manual_seed(0)
-    m = M.Transformer(M.ModelArgs.from_name(name))
-    a, sd, rng = m.args, {}, random.Random(0)
-    for k, t in m.state_dict().items():
-        if not (k == "output.weight" and a.tie_word_embeddings):
-            n = a.n_heads if ".wq." in k else a.n_kv_heads if ".wk." in k else 0
-            sd[W.rename(k, W.META, W.HF)] = (W.permute_qk(t, n, to_hf=True) if n else t).to(dtype).contiguous()
-    (d / "ckpt").mkdir(parents=True)
-    save_file(sd, d / "ckpt/model.safetensors")
-    (d / "ckpt/config.json").write_text(json.dumps(dict(model_type="llama", **{h: getattr(a, f) for f, h, _ in
-                                                                                W.CONFIG})))
-    rec = lambda n: dict(instruction="".join(rng.choices("abcdefghij ", k=n)), input="",  # noqa: E731
-                         output=(ans := rng.choice(("true", "false"))), answer=ans)
-    for f, lo, hi in (("fixed", seq_len, seq_len), ("varied", 1, max(1, seq_len // 2))):
-        (d / f"{f}.jsonl").write_text("".join(json.dumps(rec(rng.randint(lo, hi))) + "\n" for _ in range(64)))
-    (d / "data/dataset/boolq").mkdir(parents=True)
-    (d / "data/dataset/boolq/test.json").write_text(json.dumps([rec(rng.randint(1, 8)) for _ in range(n_test)]))
-
-
-def trainpy(flags, out, deadline, nproc=0):
-    """train.py (under torchrun when nproc) with --name=value flags into out_dir `out`: -> (log.jsonl records, s)."""
-    run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-    cmd = [sys.executable, *run, "train.py", *(f"--{k}={v}" for k, v in {**flags, "out_dir": out}.items())]
-    t0, left = time.perf_counter(), deadline - time.perf_counter()
-    try:
-        p = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-                           timeout=max(1.0, left))
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"train.py {out.name}: over the time budget ({left:.0f} s left)") from None
-    if p.returncode:
-        print(p.stdout[-3000:], p.stderr[-3000:], sep="\n")
-        raise RuntimeError(f"train.py {out.name}: exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}")
-    f = out / "log.jsonl"
-    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else [], time.perf_counter() - t0
-
-
-def diffs(a, b, after=0):
-    """Two out_dirs: max over state.pt's LoRA tensors of ‖a − b‖ / ‖b‖, max |Δ loss| in log.jsonl after `after`."""
-    (sa, la), (sb, lb) = ((read_state(d / "state.pt")["lora"], [x["loss"] for x in map(json.loads, (
-        d / "log.jsonl").read_text().splitlines()) if "loss" in x and x["iter"] > after]) for d in (a, b))
-    assert len(la) == len(lb) > 0, (la, lb)
-    return dict(lora_rel_diff=max(((sa[k].double() - sb[k].double()).norm() / sb[k].double().norm()).item()
-                                  for k in sb), loss_diff=max(abs(x - y) for x, y in zip(la, lb)))
-
-
-class Runs:
-    """The train.py parts' inputs, written once, and their reference: the uninterrupted run on varied.jsonl."""
-
-    def __init__(self, args, device, dtype, d, deadline):
-        self.args, self.cuda, self.dtype, self.d, self.deadline = args, device.type == "cuda", dtype, d, deadline
-        self.name, self.n_test = "tiny" if args.model == "tiny" else "smollm2-135m", 32 if self.cuda else 4
-        self.done = {}
-        self.flags = dict(init_from=d / "ckpt", tokenizer="bytes", data_dir=d / "data", device=args.device,
-                          dtype=str(dtype).removeprefix("torch."), compile=args.compile, lora_r=args.rank,
-                          lora_alpha=2 * args.rank, lora_dropout=0.0, method="reflora", reflora_warmup=1,
-                          warmup_steps=2, val_set_size=8, eval_base=False, benchmark=False)
-        # the reference: dropout (generators across the resume), accumulation, length-grouped batches
-        self.ref = dict(self.flags, data_path=d / "varied.jsonl", lora_dropout=0.1, batch_size=4, micro_batch_size=2,
-                        max_iters=6, log_interval=1)
-
-    def straight(self, out="straight"):
-        """The inputs written once; the reference run into d/out once (out None: the inputs only); -> d/out."""
-        for k, fn in ((None, lambda: write_inputs(self.d, self.name, self.dtype, self.args.seq_len, self.n_test)),
-                      (out, lambda: trainpy(self.ref, self.d / out, self.deadline))):
-            self.done[k] = self.done.get(k) or fn() or True
-        return out and self.d / out
+# the suite: every GPU number the README promises, in one command, each part on its own
 
 
 def suite_loop(r, device):
@@ -413,8 +340,9 @@ def suite_loop(r, device):
     the suite's own train_steps on the same shapes: the loop's own cost."""
     a, B, T, n = r.args, r.args.batch_size or 8, r.args.seq_len, 2 + max(r.args.iters, 2)
     r.straight(None)  # n log records of 5 steps; the first 2 (compilation, warm-up) left out
-    recs, wall = trainpy(dict(r.flags, data_path=r.d / "fixed.jsonl", cutoff_len=T, batch_size=B, micro_batch_size=B,
-                              max_iters=5 * n, log_interval=5), r.d / "loop", r.deadline)
+    flags = dict(r.flags, data_path=r.d / "fixed.jsonl", cutoff_len=T, batch_size=B, micro_batch_size=B,
+                 max_iters=5 * n, log_interval=5)
+    recs, wall = devcheck.trainpy(flags, r.d / "loop", r.deadline)
     ms = statistics.median([x["ms"] for x in recs if "ms" in x][2:])
     x = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
     own = train_steps(build(r.name, device, r.dtype, a.rank), x[:, :-1], x[:, 1:], r.dtype, a.compile, a.warmup,
@@ -423,95 +351,8 @@ def suite_loop(r, device):
                 loop_overhead_pct=100 * (ms / own - 1))
 
 
-def suite_resume(r):
-    """Stop at step 3 (checkpoint), resume to 6: against the uninterrupted run. CPU: bitwise. CUDA: within 10× the
-    difference of two uninterrupted runs (atomics in attention's backward make a GPU run differ from itself)."""
-    for extra in (dict(stop_iter=3), dict(resume=True)):
-        trainpy(dict(r.ref, **extra), r.d / "half", r.deadline)
-    noise = diffs(r.straight("again"), r.straight()) if r.cuda else dict(lora_rel_diff=0.0, loss_diff=0.0)
-    return dict(diffs(r.d / "half", r.straight(), after=3), noise_lora=noise["lora_rel_diff"],
-                noise_loss=noise["loss_diff"])
-
-
-def suite_eval(r):
-    """--eval_only on the reference run's adapter: greedy and beam search, batched against one example at a time.
-    float32: under bf16 padding changes the logits, and random weights tie often."""
-    out, res = r.straight(), dict(examples=r.n_test, beams=r.args.beams)
-    for beams in (1, r.args.beams):
-        outs = [trainpy(dict(r.ref, eval_only=True, num_beams=beams, eval_batch_size=bs, dtype="float32", eval_limit=0,
-                             max_new_tokens=r.args.new_tokens), out, r.deadline) and
-                json.loads((out / "eval_boolq.json").read_text())["outputs"] for bs in (r.n_test, 1)]
-        assert len(outs[0]) == len(outs[1]) == r.n_test, f"{len(outs[1])} outputs of {r.n_test} examples"
-        res[f"b{beams}_agree"] = sum(x == y for x, y in zip(*outs)) / r.n_test
-    return res
-
-
-def suite_dist(r, fsdp):
-    """torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on CPU): DDP, or FSDP2 (DTensor factors, the Grams
-    all-reduced), against the uninterrupted single-process run."""
-    out = r.d / ("fsdp" if fsdp else "ddp")
-    recs, wall = trainpy(dict(r.ref, fsdp=fsdp), out, r.deadline, nproc=1)
-    return dict(diffs(out, r.straight()), wall_s=wall, steps=max(x["iter"] for x in recs if "loss" in x))
-
-
-# -----------------------------------------------------------------------------
-# the suite: every GPU number the README promises, in one command, each part on its own
-
-
-def factors(device, k, r, seed=0):
-    """k random pairs shaped like LLaMA-7B's up projection (small on CPU): A (k, m, r), B (k, n, r), float32."""
-    g = torch.Generator().manual_seed(seed)
-    m, n = (11008, 4096) if device.type == "cuda" else (96, 64)
-    cols = torch.logspace(0, -1, r, dtype=torch.float64)  # factors with condition number 10
-    A = (torch.randn(k, m, r, generator=g, dtype=torch.float64) * cols).float()
-    return A, (torch.randn(k, n, r, generator=g, dtype=torch.float64) * cols.flip(0)).float()
-
-
-def check_S(device, r=32, k=32):
-    """S̃ of k pairs of float32 factors at once on the device and on the CPU, against Thm 3's closed form in float64
-    on the CPU: S̃'s relative error and the balance residual (max over pairs)."""
-    A, B = factors(device, k, r)
-    Ga, Gb = A.double().mT @ A.double(), B.double().mT @ B.double()
-    pw = lambda G, p: (lambda lam, V: (V * lam.pow(p).unsqueeze(-2)) @ V.mT)(*torch.linalg.eigh(G))  # noqa: E731
-    # Thm 3 in float64 by eigh, independently of reflora.py: S̃ = Ga^{-1/2} (Ga^{1/2} Gb Ga^{1/2})^{1/2} Ga^{-1/2}
-    ref = pw(Ga, -0.5) @ pw(pw(Ga, 0.5) @ Gb @ pw(Ga, 0.5), 0.5) @ pw(Ga, -0.5)
-    rel = lambda x, y: (torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y)).max().item()
-
-    def errors(S):  # Thm 3: S̃ AᵀA S̃ = BᵀB (ÃᵀÃ = B̃ᵀB̃), the residual in float64; and S̃'s error
-        S = S.cpu().double()
-        return rel(S, ref), rel(S @ Ga @ S, Gb)
-
-    res = {}
-    res["S_rel_err_device"], res["balance_residual_device"] = errors(reflora.optimal_S(A.to(device), B.to(device)))
-    res["S_rel_err_cpu32"], res["balance_residual_cpu32"] = errors(reflora.optimal_S(A, B))
-    res["balance_residual_cpu64"] = errors(ref)[1]
-    log("S check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
-    return res
-
-
-def check_steps(device, compile, r=32):
-    """One RefLoRA and one RefLoRA-S step (AdamW base) in float32 on the device (compiled if compile) against the
-    same step in float64 on the CPU: relative error of the update p_after - p_before, the sensitive measure."""
-    A, B = factors(device, 2, r, seed=1)
-    init = [(A[0], B[0]), (B[0], B[1]), (B[1], A[1])]  # (m, n), (n, n), (n, m) pairs
-    init = [(0.02 * a, 0.02 * b) for a, b in init]
-    g = torch.Generator().manual_seed(2)
-    grads = [(torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)) for a, b in init]
-    res = {}
-    for method in ("reflora", "reflora-s"):
-        new = []
-        for i, (dev, dt) in enumerate(((torch.device("cpu"), torch.float64), (device, torch.float32))):
-            pairs = [tuple(torch.nn.Parameter(t.to(dev, dt, copy=True)) for t in ab) for ab in init]  # init unchanged
-            opt = reflora.RefLoRA(pairs, method=method, lr=1e-3, warmup=0, compile=compile and i == 1)
-            for ab, gab in zip(pairs, grads):
-                for p, gr in zip(ab, gab):
-                    p.grad = gr.to(dev, dt, copy=True)
-            opt.step()
-            new.append([p.detach().cpu().double() for ab in pairs for p in ab])
-        old = [p.double() for ab in init for p in ab]
-        res[f"{method}_step_rel_err"] = max(((d - c).norm() / (c - o).norm()).item()
-                                            for c, d, o in zip(new[0], new[1], old))
-    log("step check: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
+def logged(name, res):  # a check's numbers on one progress line
+    log(f"{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in res.items()))
     return res
 
 
@@ -654,8 +495,8 @@ def summary(out):
             row(p, f"{m} tokens/s", r["tokens_per_s"], ".0f")
             row(p, f"{m} peak memory", r["peak_mem_mb"], ".0f", unit=" MB")
         row(p, "lora MFU", None if t["methods"]["lora"]["mfu"] is None else 100 * t["methods"]["lora"]["mfu"], ".1f",
-            45, False, " %")
-        for m, tgt in (("reflora-s", 0.5), ("reflora", 2.0)):
+            55, False, " %")
+        for m, tgt in (("reflora-s", 0.3), ("reflora", 1.0)):
             row(p, f"{m} optimizer share of a lora step", t["methods"][m]["opt_share_pct"], "+.2f", tgt, unit=" %")
             row(p, f"{m} step overhead", t["methods"][m]["step_overhead_pct"], "+.2f", unit=" %")
         row(p, "reflora extra peak memory", t["methods"]["reflora"]["extra_mem_pct"], "+.2f", 0.5, unit=" %")
@@ -725,15 +566,15 @@ def suite(args):
     batches = [args.batch_size] if args.batch_size else [64, 48, 40, 32, 24, 16, 8, 4, 2, 1]
     tmp = tempfile.mkdtemp(prefix="reflora-suite-")  # train.py's checkpoint, data and out_dirs
     # cheap parts first; train.py's runs leave ~200 s, the training step ~100 s for the refactor step after it
-    r = Runs(args, device, dtype, Path(tmp), deadline - 200)
-    parts = [("S_check", deadline, lambda: check_S(device)),
-             ("step_check", deadline, lambda: check_steps(device, args.compile)),
+    r = devcheck.Runs(args, device, dtype, Path(tmp), deadline - 200)
+    parts = [("S_check", deadline, lambda: logged("S check", devcheck.check_S(device))),
+             ("step_check", deadline, lambda: logged("step check", devcheck.check_steps(device, args.compile))),
              ("generate", deadline, lambda: suite_generate(args, device, dtype)),
              ("train.py loop", r.deadline, lambda: suite_loop(r, device)),
-             ("train.py resume", r.deadline, lambda: suite_resume(r)),
-             ("train.py eval_only", r.deadline, lambda: suite_eval(r)),
-             ("torchrun DDP", r.deadline, lambda: suite_dist(r, False)),
-             ("torchrun FSDP2", r.deadline, lambda: suite_dist(r, True)),
+             ("train.py resume", r.deadline, lambda: devcheck.resume(r)),
+             ("train.py eval_only", r.deadline, lambda: devcheck.eval_only(r)),
+             ("torchrun DDP", r.deadline, lambda: devcheck.dist(r, False)),
+             ("torchrun FSDP2", r.deadline, lambda: devcheck.dist(r, True)),
              ("train", deadline, lambda: suite_train(args, device, dtype, batches, deadline - 100)),
              ("refactor", deadline, lambda: suite_refactor(args, device, deadline))]
     for name, part_deadline, fn in parts:

@@ -1,4 +1,4 @@
-"""Tests of bench.py's --suite on CPU (the code path the one GPU run takes, with the `tiny` preset and compile off):
+"""Tests of bench.py's --suite (and devcheck.py, its correctness parts) on CPU (the code path the one GPU run takes, with the `tiny` preset and compile off):
 every part gives numbers and no error; no CUDA means one line and exit 0; the out-of-memory fallback of the
 batch search; the verdicts beside the targets."""
 import json
@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import bench
+import devcheck
 import model as M
 from helpers import hf_config, to_hf
 
@@ -131,9 +132,9 @@ def test_verdicts():
 
 
 def test_suite_checkpoint_is_hugging_face_layout(tmp_path):
-    """bench.write_inputs' random checkpoint holds what tests/helpers.py's independent HF writer makes of the same
+    """devcheck.write_inputs' random checkpoint holds what tests/helpers.py's independent HF writer makes of the same
     model (names, q/k rows, config), and the synthetic data has the lengths the suite's parts rely on."""
-    bench.write_inputs(tmp_path, "tiny", torch.float32, seq_len=16, n_test=3)
+    devcheck.write_inputs(tmp_path, "tiny", torch.float32, seq_len=16, n_test=3)
     torch.manual_seed(0)
     m = M.Transformer(M.ModelArgs.from_name("tiny"))
     want, got = to_hf(m.state_dict(), m.args), load_file(tmp_path / "ckpt/model.safetensors")
