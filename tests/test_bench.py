@@ -1,6 +1,6 @@
-"""Tests of bench.py's --suite (and devcheck.py, its correctness parts) on CPU (the code path the one GPU run takes, with the `tiny` preset and compile off):
-every part gives numbers and no error; no CUDA means one line and exit 0; the out-of-memory fallback of the
-batch search; the verdicts beside the targets."""
+"""Tests of bench.py's --suite and devcheck.py, its correctness parts, on CPU (the code path the one GPU run takes,
+with the `tiny` preset and compile off): every part gives numbers and no error; no CUDA means one line and exit 0;
+the out-of-memory fallback of the batch search; the verdicts beside the targets."""
 import json
 
 import pytest
