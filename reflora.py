@@ -48,7 +48,8 @@ def _scale(a2, b2, dtype, floor_a=0.0, floor_b=0.0):
 
 
 def optimal_s(A, B):
-    """Thm 4: s = ‖B‖_F / ‖A‖_F, batched over leading dims; 1 where a factor is zero or non-finite."""
+    """Thm 4: s = ‖B‖_F / ‖A‖_F, batched over leading dims; 1 where a factor is zero or non-finite, and clamped to
+    [1/c, c], c = √(max of the factors' dtype), as every use of s is (see _scale)."""
     norm2 = lambda X: torch.linalg.vector_norm(X.to(DT), dim=(-2, -1)).square()
     return _scale(norm2(A), norm2(B), A.dtype)[0]
 
