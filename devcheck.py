@@ -32,9 +32,8 @@ def write_inputs(d, name, dtype, seq_len, n_test):
     m = M.Transformer(M.ModelArgs.from_name(name))
     a, sd, rng = m.args, {}, random.Random(0)
     for k, t in m.state_dict().items():
-        if not (k == "output.weight" and a.tie_word_embeddings):
-            n = a.n_heads if ".wq." in k else a.n_kv_heads if ".wk." in k else 0
-            sd[W.rename(k, W.META, W.HF)] = (W.permute_qk(t, n, to_hf=True) if n else t).to(dtype).contiguous()
+        if not (k == "output.weight" and a.tie_word_embeddings):  # HF's q/k rows, as weights.convert_gguf
+            sd[W.rename(k, W.META, W.HF)] = W._qk(k, t, a, to_hf=True).to(dtype).contiguous()
     (d / "ckpt").mkdir(parents=True)
     save_file(sd, d / "ckpt/model.safetensors")
     (d / "ckpt/config.json").write_text(json.dumps(dict(model_type="llama", **{h: getattr(a, f) for f, h, _ in

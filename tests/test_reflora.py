@@ -585,7 +585,8 @@ def test_extreme_scale_ratios_stay_finite(case):
     else:  # ∇B S̃ overflows float16
         dtype, a, b, method, base = torch.float16, 1e-3, 3e2, "reflora", "sgd"
     A0, B0 = (a * torch.randn(12, 4, generator=g)).to(dtype), (b * torch.randn(9, 4, generator=g)).to(dtype)
-    A, B = torch.nn.Parameter(A0.clone()), torch.nn.Parameter(B0.clone())
+    fresh = lambda: (torch.nn.Parameter(X.clone()) for X in (A0, B0))  # the same factors, twice
+    A, B = fresh()
     opt = RefLoRA([(A, B)], method=method, base=base, lr=1e-4, warmup=0)
     for _ in range(5):
         A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
@@ -598,7 +599,7 @@ def test_extreme_scale_ratios_stay_finite(case):
     # float64, unclamped) by s clamped to [1/c, c], c = √(max of the dtype) (_scale), so s reaches 1 in a few
     # steps; the first step() rescales twice (the initial balance, then after the base step). rel: the rounding
     # of √s and 1/√s to the dtype
-    A, B = (torch.nn.Parameter(X.detach().clone()) for X in (A0, B0))
+    A, B = fresh()
     opt = RefLoRA([(A, B)], method=method, base=base, lr=0.0, warmup=0)
     ratio = lambda: (B.detach().double().norm() / A.detach().double().norm()).item()
     c, s, rel = torch.finfo(dtype).max ** 0.5, ratio(), 1e-6 if dtype == torch.float32 else 3e-3
