@@ -262,6 +262,33 @@ def rescale(As, Bs, moments, floor=None, reduce=None):
     return _stats(usable, usable, s, resid)
 
 
+def adamw_folded(params, grads, exp_avgs, exp_avg_sqs, steps, cm, cv, *, lr, beta1, beta2, eps, weight_decay):
+    """One torch.optim.AdamW step, op for op its multi-tensor path (cm = cv = 1: the same numbers), on moments held
+    up to per-tensor factors: the true moments are cm·m and cv·v. This is how RefLoRA-S's rescaling of the moments
+    (rescale: 1/√s and 1/s for A's, √s and s for B's) reaches them on the CPU, folded into the step's own passes
+    instead of four more passes over the moments. cm, cv: lists of floats. Returns the new cm (cv is then 1).
+    """
+    torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    # m ← β1 (cm m) + (1 - β1) g = K lerp(m, g, (1 - β1)/K) with K = 1 + β1 (cm - 1); v ← β2 (cv v) + (1 - β2) g²
+    far = [i for i, c in enumerate(cm) if not 0.5 <= c <= 2]  # applied first, so that no m drifts off its range
+    if far:
+        torch._foreach_mul_([exp_avgs[i] for i in far], [cm[i] for i in far])
+        cm = [1.0 if i in far else c for i, c in enumerate(cm)]
+    K = [1 + beta1 * (c - 1) for c in cm]
+    torch._foreach_lerp_(exp_avgs, grads, [(1 - beta1) / k for k in K])
+    torch._foreach_mul_(exp_avg_sqs, [beta2 * c for c in cv])
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    t = [s.item() for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [(1 - beta2 ** n) ** 0.5 for n in t])
+    torch._foreach_add_(denom, eps)
+    # p ← p - lr / (1 - β1ᵗ) · K m / (√(v / (1 - β2ᵗ)) + ε)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [(lr / (1 - beta1 ** n)) * -1 * k for n, k in zip(t, K)])
+    return K
+
+
 def step_norm(old, new, reduce=None):
     """The step each pair took in W, without forming any m×n matrix: (‖A'B'ᵀ − ABᵀ‖_F, ‖A'B'ᵀ‖_F), (k,) float64.
 
@@ -291,8 +318,8 @@ def step_norm(old, new, reduce=None):
 
 
 # -----------------------------------------------------------------------------
-# The optimizer: base AdamW (torch's own functional, so "lora" is exactly torch.optim.AdamW) or plain GD,
-# with RefLoRA's preconditioning before the base step or RefLoRA-S's rescaling after it.
+# The optimizer: base AdamW (torch's own functional, so "lora" is exactly torch.optim.AdamW; RefLoRA-S on the CPU:
+# adamw_folded) or plain GD, with RefLoRA's preconditioning before the base step or RefLoRA-S's rescaling after it.
 
 METHODS, BASES = ("lora", "reflora", "reflora-s"), ("adamw", "sgd")
 
@@ -423,6 +450,10 @@ class RefLoRA(torch.optim.Optimizer):
     (p.data.mul_(3)) and by the fused AdamW kernel (checked on the CPU), which leave `_version` as it is. Not under
     FSDP2 (DTensor factors: the Grams' sum is a collective, kept in step order). Not in state_dict().
 
+    RefLoRA-S with AdamW, eager on the CPU: the moments' rescaling is folded into the next step (adamw_folded), so
+    state[p] holds exp_avg and exp_avg_sq up to the floats exp_avg_factor and exp_avg_sq_factor (saved with it, so
+    a resume is bitwise; applied on any other path). moments(p): the moments as torch.optim.AdamW holds them.
+
     stats(): what the last refactoring did, as Python floats (the only host sync; {} before the first one):
     exact / fallback / alone = pairs refactored by Thm 3's S̃, by the scalar s·I (rank-deficient Grams), left
     as they are (a zero or non-finite factor); residual = the largest ‖ÃᵀÃ - B̃ᵀB̃‖_F / ‖ÃᵀÃ‖_F over exact pairs
@@ -499,6 +530,21 @@ class RefLoRA(torch.optim.Optimizer):
     def _cpu(self, pairs):  # eager on the CPU: float32 Grams where exact (refactor_from's select)
         return not self.compile and pairs[0][0].device.type == "cpu"
 
+    def _folds(self, p):
+        """RefLoRA-S's moment rescaling folded into the next AdamW step (adamw_folded): eager, on the CPU, with
+        plain tensors (CUDA keeps torch's fused kernel, FSDP2 its DTensors)."""
+        return (self.method == "reflora-s" and self.base == "adamw" and not self.compile and p.device.type == "cpu"
+                and not hasattr(p, "to_local"))
+
+    def _flush(self, params):
+        """Before torch's AdamW or the moments' rescale: the factors a folded path left (a state saved on the CPU,
+        loaded on CUDA) applied, so that the moments are torch.optim.AdamW's again."""
+        for p in params:
+            st = self.state.get(p, {})
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k + "_factor" in st:
+                    st[k].mul_(st.pop(k + "_factor"))
+
     @staticmethod
     def _views(pairs, f=lambda p: p):
         """[f(A)], [f(B)] for a bucket (f: the parameter, its gradient, a moment) as (m, r), (n, r) matrices: views."""
@@ -559,12 +605,14 @@ class RefLoRA(torch.optim.Optimizer):
     def _refactor_after_step(self):
         self._last = []
         for pairs in self._buckets(need_grads=False):
-            moments = None
+            moments, fold, ps = None, self._folds(pairs[0][0]), [p for A, B, _ in pairs for p in (A, B)]
             if self.base == "adamw":
                 # every pair passes its moments (zeros before its first step: scaling them is harmless), so
                 # one graph per bucket
-                for p in (p for A, B, _ in pairs for p in (A, B) if p not in self.state):
+                for p in (p for p in ps if p not in self.state):
                     self.state[p] = self._init_state(p)
+            if self.base == "adamw" and not fold:
+                self._flush(ps)
                 moment = lambda k: self._views(pairs, lambda p: self.state[p][k])
                 (mA, mB), (vA, vB) = moment("exp_avg"), moment("exp_avg_sq")
                 moments = (mA, vA, mB, vB)
@@ -573,12 +621,24 @@ class RefLoRA(torch.optim.Optimizer):
             with _threads(1 if self._cpu(pairs) else None):
                 st = self._rescale(As, Bs, moments, self._floor(pairs), _shard_sum(pairs[0][0]))
                 self._last.append((st, None))
+            if self.base == "adamw" and fold:  # the moments follow the gradients (∇Ã = ∇A/√s, ∇B̃ = √s ∇B)
+                for (A, B, _), s in zip(pairs, st[4:].nan_to_num(1.0).tolist()):
+                    for p, f in ((A, s ** -0.5), (B, s ** 0.5)):
+                        st_p = self.state[p]
+                        st_p["exp_avg_factor"] = st_p.get("exp_avg_factor", 1.0) * f
+                        st_p["exp_avg_sq_factor"] = st_p.get("exp_avg_sq_factor", 1.0) * f * f
 
     def _init_state(self, p):
         # torch.optim.AdamW's state layout (step on the parameter's device for the fused kernel)
         step = torch.zeros((), dtype=torch.float32, device=p.device if self._fused(p) else "cpu")
         return dict(step=step, exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
                     exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+
+    def moments(self, p):
+        """p's AdamW moments (exp_avg, exp_avg_sq) as torch.optim.AdamW would hold them: RefLoRA-S on the CPU keeps
+        factors beside them (exp_avg_factor, exp_avg_sq_factor, see adamw_folded), applied here (new tensors)."""
+        st = self.state[p]
+        return tuple(st[k] * st.get(k + "_factor", 1.0) for k in ("exp_avg", "exp_avg_sq"))
 
     @staticmethod
     def _fused(p):
@@ -633,6 +693,15 @@ class RefLoRA(torch.optim.Optimizer):
                     self.state[p] = self._init_state(p)
             st = [self.state[p] for p in params]
             beta1, beta2 = group["betas"]
+            if group["lora"] and all(map(self._folds, params)):
+                cm = adamw_folded(params, grads, [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st],
+                                  [s["step"] for s in st], [s.get("exp_avg_factor", 1.0) for s in st],
+                                  [s.get("exp_avg_sq_factor", 1.0) for s in st], lr=group["lr"], beta1=beta1,
+                                  beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+                for s, c in zip(st, cm):
+                    s["exp_avg_factor"], s["exp_avg_sq_factor"] = c, 1.0
+                continue
+            self._flush(params)
             # exactly torch.optim.AdamW's update (the base the authors' code runs under): its fused kernel for
             # CUDA parameters, its foreach kernel otherwise
             fused = all(self._fused(p) for p in params)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.adamw import adamw
 
 import reflora
 from reflora import RefLoRA, optimal_S, optimal_s
@@ -298,8 +299,74 @@ def test_adam_moments_follow_reflora_s_rescaling():
         assert abs(A.norm() - B.norm()) < 1e-12
         # ∇Ã = ∇A/√s and ∇B̃ = √s ∇B: first moments scale like the gradients, second like their squares
         for p, tp, f in ((A, tA, 1 / s.sqrt()), (B, tB, s.sqrt())):
-            assert rel(opt.state[p]["exp_avg"], f * topt.state[tp]["exp_avg"]) < 1e-12
-            assert rel(opt.state[p]["exp_avg_sq"], f ** 2 * topt.state[tp]["exp_avg_sq"]) < 1e-12
+            (m, v), (tm, tv) = opt.moments(p), topt.moments(tp)
+            assert rel(m, f * tm) < 1e-12 and rel(v, f ** 2 * tv) < 1e-12
+
+
+def test_adamw_folded_is_torch_adamw_on_the_true_moments():
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=g) for s in ((7, 3), (5, 3), (4,))]
+    mine, ref = [p.clone() for p in ps], [torch.nn.Parameter(p.clone()) for p in ps]
+    ms, vs, steps = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps]
+    topt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, foreach=True)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in ps]
+        cm = reflora.adamw_folded(mine, grads, ms, vs, steps, [1.0] * 3, [1.0] * 3, lr=1e-2, beta1=0.8, beta2=0.99,
+                                  eps=1e-6, weight_decay=0.1)
+        assert cm == [1.0] * 3
+        for p, gr in zip(ref, grads):
+            p.grad = gr
+        topt.step()
+    for p, q, m, v in zip(mine, ref, ms, vs):
+        st = topt.state[q]
+        assert torch.equal(p, q) and torch.equal(m, st["exp_avg"]) and torch.equal(v, st["exp_avg_sq"])
+    # factors far from 1 (a long run of large s): the step is torch's on the true moments cm·m, cv·v, and the factors
+    # it returns stay near 1 (within β1's reach of [1/2, 2]), so the stored moments keep torch's own range
+    cm, cv = [1e-6, 3.0, 1e6], [1e-3, 2.0, 1e3]
+    tm, tv = [c * m for c, m in zip(cm, ms)], [c * v for c, v in zip(cv, vs)]
+    grads = [torch.randn(p.shape, generator=g) for p in ps]
+    cm = reflora.adamw_folded(mine, grads, ms, vs, steps, cm, cv, lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6,
+                              weight_decay=0.1)
+    with torch.no_grad():
+        adamw(ref, grads, tm, tv, [], [torch.zeros(()) + 5 for _ in ps], foreach=True, amsgrad=False, beta1=0.8,
+              beta2=0.99, lr=1e-2, weight_decay=0.1, eps=1e-6, maximize=False)
+    assert all(0.6 <= c <= 1.8 for c in cm)
+    for p, q, c, m, v, m1, v1 in zip(mine, ref, cm, ms, vs, tm, tv):
+        assert rel(p, q) < 1e-6 and rel(c * m, m1) < 1e-6 and rel(v, v1) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_reflora_s_folded_moments_match_the_rescaled_moments(dtype):
+    """RefLoRA-S on the CPU folds the moments' rescaling into the next AdamW step (adamw_folded); the reference path
+    (torch's AdamW, then rescale of weights and moments: CUDA's) gives the same run. Unbalanced factors (s ~ 1e4)
+    take the factors far from 1 at the first balance; a state saved on the folded path resumes on the other."""
+    def make():
+        pairs, head = make_model(dtype=dtype)
+        with torch.no_grad():
+            for A, B in pairs:
+                A.mul_(1e-2), B.mul_(1e2)
+        return pairs, head
+    kw = dict(method="reflora-s", lr=1e-2, warmup=0, weight_decay=0.1)
+    reference = lambda o: setattr(o, "_folds", lambda p: False) or o
+    pairs, head = make()
+    opt = train(lambda: RefLoRA(pairs, **kw), pairs, head, 6)
+    assert any(opt.state[A]["exp_avg_factor"] != 1.0 for A, _ in pairs)
+    twin, thead = make()
+    topt = train(lambda: reference(RefLoRA(twin, **kw)), twin, thead, 6)
+    assert all("exp_avg_factor" not in s for s in topt.state.values())
+    tol = 1e-13 if dtype == F64 else 1e-5
+    for (A, B), (tA, tB) in zip(pairs, twin):
+        for p, tp in ((A, tA), (B, tB)):
+            assert rel(p, tp) < tol
+            for m, tm in zip(opt.moments(p), topt.moments(tp)):
+                assert rel(m, tm) < tol
+    # the folded state, resumed on the reference path (its factors applied first), then 3 more steps of both
+    sd = opt.state_dict()
+    resumed = lambda: (o := reference(RefLoRA(pairs, **kw))).load_state_dict(sd) or o
+    train(resumed, pairs, head, 3, seed=1)
+    train(lambda: reference(topt), twin, thead, 3, seed=1)
+    for (A, B), (tA, tB) in zip(pairs, twin):
+        assert rel(A, tA) < tol and rel(B, tB) < tol
 
 
 def test_schedule_matches_warmup_and_interval():
@@ -429,8 +496,8 @@ def test_degenerate_factors_never_give_nan(dtype, method):
         opt.step()
         for p in (p for ab in params for p in ab):
             assert torch.isfinite(p).all()
-            for v in opt.state[p].values():
-                assert torch.isfinite(v).all()
+            for v in opt.state[p].values():  # (RefLoRA-S on the CPU: also the moments' float factors)
+                assert torch.isfinite(torch.as_tensor(v)).all()
     # optimal_S itself: finite, and s·I for a rank-deficient pair
     for A, B in pairs:
         assert torch.isfinite(optimal_S(A.to(dtype), B.to(dtype))).all()
@@ -592,7 +659,7 @@ def test_extreme_scale_ratios_stay_finite(case):
         A.grad, B.grad = torch.ones_like(A), torch.ones_like(B)
         opt.step()
         for t in (A, B, *opt.state[A].values(), *opt.state[B].values()):
-            assert torch.isfinite(t).all()
+            assert torch.isfinite(torch.as_tensor(t)).all()
     if method != "reflora-s":
         return
     # the rescaling itself, with lr = 0 so that only it moves s: each rescale divides s = ‖B‖/‖A‖ (measured in
@@ -741,7 +808,7 @@ def test_peft_layout_steps_like_the_project_layout(method, base):
     assert rel(head.weight, thead.weight) < 1e-12
     if base == "adamw":
         for (A, Bt, _), (tA, tB) in zip(pairs, twin):
-            assert rel(opt.state[Bt]["exp_avg_sq"].T, topt.state[tB]["exp_avg_sq"]) < 1e-12
+            assert rel(opt.moments(Bt)[1].T, topt.moments(tB)[1]) < 1e-12
     # and it moved (the frozen adapter did not)
     assert rel(pairs[0][0], peft_model()[0].lora_B["default"].weight) > 1e-3
     assert torch.equal(m[2].lora_A["frozen"].weight, peft_model()[2].lora_A["frozen"].weight)
@@ -751,7 +818,7 @@ def test_peft_layout_steps_like_the_project_layout(method, base):
     assert opt2.steps == opt.steps and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     for p in opt.state:
         for k, v in opt.state[p].items():
-            assert torch.equal(opt2.state[p][k], v)
+            assert torch.equal(opt2.state[p][k], v) if torch.is_tensor(v) else opt2.state[p][k] == v
 
 
 def test_find_pairs_on_the_project_lora_linear():

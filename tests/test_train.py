@@ -271,8 +271,11 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
         torch.testing.assert_close(two["lora"][k], one["lora"][k], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(half["lora"][k], two["lora"][k], rtol=1e-5, atol=1e-7)
     for sa, sb in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
-        for k in sa:  # Adam moments: normwise (elements near 0 carry the float32 reduction-order noise)
-            assert sb[k].shape == sa[k].shape and (sb[k] - sa[k]).norm() <= 1e-4 * sa[k].norm(), k
+        assert torch.equal(sa["step"], sb["step"])
+        for k in ("exp_avg", "exp_avg_sq"):  # Adam moments: normwise (elements near 0 carry the float32
+            # reduction-order noise); RefLoRA-S in one CPU process keeps them up to factors (see RefLoRA)
+            a, b = (st[k] * st.get(k + "_factor", 1.0) for st in (sa, sb))
+            assert b.shape == a.shape and (b - a).norm() <= 1e-4 * a.norm(), k
     assert any(v.abs().max() > 0 for k, v in one["lora"].items() if k.endswith(".A"))
     # the step norm of the log: Grams summed over the shards give the whole model's ‖ΔW‖
     dw = lambda d: [json.loads(l)["dw"] for l in (tmp_path / d / "out/log.jsonl").read_text().splitlines()
