@@ -18,17 +18,21 @@ import converge  # noqa: E402
 import plot  # noqa: E402
 from extra import ARGV, LRS  # noqa: E402
 
-if __name__ == "__main__":
-    os.chdir(HERE.parents[1])
-    opts, flags = converge.parse_args(ARGV)
-    n, seeds, rows, out = 64, range(5), [], {}
+def table(opts, lrs, seeds=range(5), n=64, name="seeds"):
+    """Validation loss per seed at each method's lrs, and which runs fail (end above the first step's training
+    loss, or diverge to non-finite values); printed, and written to name.md / name.json here (name=None: not)."""
     ms = lambda x: f"{np.mean(x):.3f} ± {np.std(x, ddof=1):.3f}" if len(x) > 1 else "-"  # noqa: E731
-    for m, lrs in LRS.items():
-        for lr in lrs:
+    rows, out = [], {}
+    for m, ls in lrs.items():
+        for lr in ls:
             val, ok, spikes = [], [], 0
             for s in seeds:
-                d = converge.run_dir(opts, m, s, lr)
-                assert converge.run_status(opts, m, lr, s, n) == "done", d
+                d, st = converge.run_dir(opts, m, s, lr), converge.run_status(opts, m, lr, s, n)
+                assert st in ("done", "diverged"), d
+                if st == "diverged":  # train.py stopped at a non-finite loss
+                    out[f"{m} {lr:g} s{s}"] = dict(final_loss=None, val_loss=None, failed=True, spike=True)
+                    val.append(float("inf"))
+                    continue
                 r = plot.load_run(d)
                 v, loss = converge.dev_metrics(opts, d, r, n)["val_loss"], np.asarray(r["loss"], float)
                 failed = bool(v > loss[0])  # the validation loss ends above the first step's training loss
@@ -38,10 +42,17 @@ if __name__ == "__main__":
                 val.append(v)
                 ok += [] if failed else [v]
                 spikes += spike and not failed
-            rows.append(f"| {m} | {lr:g} | {len(ok)}/5 | {spikes} | {ms(val)} | {ms(ok)} | "
+            rows.append(f"| {m} | {lr:g} | {len(ok)}/{len(val)} | {spikes} | {ms(val)} | {ms(ok)} | "
                         + " / ".join(f"{v:.3f}" for v in val) + " |")
-    md = ["| method | lr | seeds ending below the initial loss | of those, spiked above it | val loss, 5 seeds "
-          "| val loss, those seeds | per seed 0 / 1 / 2 / 3 / 4 |", "|---|---|---|---|---|---|---|", *rows]
+    md = ["| method | lr | seeds ending below the initial loss | of those, spiked above it | val loss, "
+          f"{len(seeds)} seeds | val loss, those seeds | per seed " + " / ".join(map(str, seeds)) + " |", "|---|---|---|---|---|---|---|",
+          *rows]
     print("\n".join(md))
-    (HERE / "seeds.md").write_text("\n".join(md) + "\n")
-    (HERE / "seeds.json").write_text(json.dumps(out, indent=1))
+    if name:
+        (HERE / f"{name}.md").write_text("\n".join(md) + "\n")
+        (HERE / f"{name}.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    os.chdir(HERE.parents[1])
+    table(converge.parse_args(ARGV)[0], LRS)
