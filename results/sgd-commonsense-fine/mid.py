@@ -1,7 +1,7 @@
-"""Five seeds at one more lr per method: the geometric midpoint between the lr that (d)'s rule picked (the lowest
-five-seed mean where no seed fails) and the grid point above it (where seeds fail), the same rule for each method.
-converge.py's recipe and flags (extra.py's); finished runs in out-gd2 are skipped. Then the table: mid.md, mid.json
-here.
+"""Five seeds at one more lr per method, in rounds: the geometric midpoint between the lr that (d)'s rule picks (the
+lowest five-seed mean where no seed fails) and the lowest lr above it where a seed failed, the same rule for each
+method; round 2 from round 1's results. converge.py's recipe and flags (extra.py's); finished runs in out-gd2 are
+skipped. Then a table per round: mid.md / mid.json, mid2.md / mid2.json here.
 
     python results/sgd-commonsense-fine/mid.py
 """
@@ -16,11 +16,13 @@ import converge  # noqa: E402
 from extra import ARGV  # noqa: E402
 from seeds import table  # noqa: E402
 
-MID = {"lora": (0.28,), "reflora": (0.45,), "reflora-s": (0.36,)}  # √(0.25·0.32), √(0.4·0.5), √(0.32·0.4)
+ROUNDS = {"mid": {"lora": (0.28,), "reflora": (0.45,), "reflora-s": (0.36,)},  # √(.25·.32), √(.4·.5), √(.32·.4)
+          "mid2": {"lora": (0.3,), "reflora": (0.42,), "reflora-s": (0.34,)}}  # √(.28·.32), √(.4·.45), √(.32·.36)
 
 if __name__ == "__main__":
     os.chdir(HERE.parents[1])
     opts, flags = converge.parse_args(ARGV)
-    runs = [(m, lr, s) for m, lrs in MID.items() for lr in lrs for s in range(5)]
+    runs = [(m, lr, s) for lrs in ROUNDS.values() for m, ls in lrs.items() for lr in ls for s in range(5)]
     converge.run_batch(opts, flags, runs, 64, max(1, (os.cpu_count() or 1) // opts["jobs"]))
-    table(opts, MID, name="mid")
+    for name, lrs in ROUNDS.items():
+        table(opts, lrs, name=name)
