@@ -1,6 +1,6 @@
-"""The table of five seeds at each lr of extra.py: validation loss per seed, and which runs end below the first
-step's training loss (a run either ends near 1.2-1.55 or above 7), from out-gd2's run directories with
-converge.py's own readers. Writes seeds.md and seeds.json here.
+"""The table of five seeds at each lr of extra.py (and, through table(), of mid.py's rounds): validation loss per
+seed, and which runs end below the first step's training loss (a run either ends near 1.2-1.55 or above 7), from
+out-gd2's run directories with converge.py's own readers. Writes seeds.md and seeds.json here.
 
     python results/sgd-commonsense-fine/seeds.py
 """
@@ -17,6 +17,7 @@ sys.path.insert(0, str(HERE))
 import converge  # noqa: E402
 import plot  # noqa: E402
 from extra import ARGV, LRS  # noqa: E402
+
 
 def table(opts, lrs, seeds=range(5), n=64, name="seeds"):
     """Validation loss per seed at each method's lrs, and which runs fail (end above the first step's training
@@ -45,8 +46,8 @@ def table(opts, lrs, seeds=range(5), n=64, name="seeds"):
             rows.append(f"| {m} | {lr:g} | {len(ok)}/{len(val)} | {spikes} | {ms(val)} | {ms(ok)} | "
                         + " / ".join(f"{v:.3f}" for v in val) + " |")
     md = ["| method | lr | seeds ending below the initial loss | of those, spiked above it | val loss, "
-          f"{len(seeds)} seeds | val loss, those seeds | per seed " + " / ".join(map(str, seeds)) + " |", "|---|---|---|---|---|---|---|",
-          *rows]
+          f"{len(seeds)} seeds | val loss, those seeds | per seed " + " / ".join(map(str, seeds)) + " |",
+          "|---|---|---|---|---|---|---|", *rows]
     print("\n".join(md))
     if name:
         (HERE / f"{name}.md").write_text("\n".join(md) + "\n")
