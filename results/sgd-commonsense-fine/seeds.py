@@ -19,9 +19,10 @@ import plot  # noqa: E402
 from extra import ARGV, LRS  # noqa: E402
 
 
-def table(opts, lrs, seeds=range(5), n=64, name="seeds"):
+def table(opts, lrs, seeds=range(5), n=64, name="seeds", where=HERE):
     """Validation loss per seed at each method's lrs, and which runs fail (end above the first step's training
-    loss, or diverge to non-finite values); printed, and written to name.md / name.json here (name=None: not)."""
+    loss, or diverge to non-finite values); printed, and written to name.md / name.json in `where` (name=None:
+    not)."""
     ms = lambda x: f"{np.mean(x):.3f} ± {np.std(x, ddof=1):.3f}" if len(x) > 1 else "-"  # noqa: E731
     rows, out = [], {}
     for m, ls in lrs.items():
@@ -50,8 +51,8 @@ def table(opts, lrs, seeds=range(5), n=64, name="seeds"):
           "|---|---|---|---|---|---|---|", *rows]
     print("\n".join(md))
     if name:
-        (HERE / f"{name}.md").write_text("\n".join(md) + "\n")
-        (HERE / f"{name}.json").write_text(json.dumps(out, indent=1))
+        (where / f"{name}.md").write_text("\n".join(md) + "\n")
+        (where / f"{name}.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
