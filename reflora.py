@@ -272,10 +272,10 @@ def adamw_folded(params, grads, exp_avgs, exp_avg_sqs, steps, cm, cv, *, lr, bet
     if weight_decay != 0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     # m ← β1 (cm m) + (1 - β1) g = K lerp(m, g, (1 - β1)/K) with K = 1 + β1 (cm - 1); v ← β2 (cv v) + (1 - β2) g²
-    far = {i for i, c in enumerate(cm) if not 0.5 <= c <= 2}  # applied first, so that no m drifts off its range
+    far = [i for i, c in enumerate(cm) if not 0.5 <= c <= 2]  # applied first, so that no m drifts off its range
     if far:
-        torch._foreach_mul_([exp_avgs[i] for i in sorted(far)], [cm[i] for i in sorted(far)])
-        cm = [1.0 if i in far else c for i, c in enumerate(cm)]
+        torch._foreach_mul_([exp_avgs[i] for i in far], [cm[i] for i in far])
+        cm = [c if 0.5 <= c <= 2 else 1.0 for c in cm]
     K = [1 + beta1 * (c - 1) for c in cm]
     torch._foreach_lerp_(exp_avgs, grads, [(1 - beta1) / k for k in K])
     torch._foreach_mul_(exp_avg_sqs, [beta2 * c for c in cv])
