@@ -8,12 +8,14 @@ step size, and one AdamW step's ‖ΔW‖ (why the refactorings do little under 
     python experiments.py --adam_step [--json=PATH]      # one AdamW step from unbalanced factors: ‖ΔW‖ vs s
 
 The toy sweep runs gradient descent on ½‖Y − ABᵀ‖²_F for every method (lora, scaledgd, reflora, reflora-s) at
-every η of a log-spaced grid, from every seed's (Y, A₀, B₀): the same problems and starts for every method. A run is
-stable when its loss stays finite and ends no higher than it started; it converges when it reaches the tolerance
-(1e-3: raw loss in the paper setting, relative loss in the normalized one) within the budget. Per method: the
-stability frontier (the largest η of the grid stable for every seed), the largest η that converges for every seed,
-and the η with the fewest iterations to the tolerance (mean over seeds). Output: OUT/toy_sweep.json (every run's
-curve), OUT/toy_sweep.png (iterations to the tolerance and final loss against η), OUT/toy_sweep.md (the tables).
+every η of a log-spaced grid, from every seed's (Y, A₀, B₀): the same problems and starts for every method. With
+--toy_base=adamw, torch's AdamW is every method's base step instead (LoRA is then AdamW on (A, B); ScaledGD, a
+gradient-descent rule, is left out). A run is stable when its loss stays finite and ends no higher than it
+started; it converges when it reaches the tolerance (1e-3: raw loss in the paper setting, relative loss in the
+normalized one) within the budget. Per method: the stability frontier (the largest η of the grid stable for every
+seed), the largest η that converges for every seed, and the η with the fewest iterations to the tolerance (mean
+over seeds). Output: OUT/toy_sweep.json (every run's curve), OUT/toy_sweep.png (iterations to the tolerance and
+final loss against η), OUT/toy_sweep.md (the tables).
 
 References: Zhang, Li, Giannakis, RefLoRA (NeurIPS 2025, arXiv 2505.18877), Sec. 5 and the authors' MF-loss.png;
 Tong, Ma, Chi, "Accelerating ill-conditioned low-rank matrix estimation via scaled gradient descent" (JMLR 2021).
@@ -49,7 +51,7 @@ TOY_SETTINGS = {
 
 
 def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dtype=torch.float64,
-        stop_below=None):
+        stop_below=None, base="sgd"):
     """Loss curves {"<method>@<eta>": [loss at iteration 0, 1, ..., iters]} of gradient descent on ½‖Y - ABᵀ‖²_F.
 
     lora: plain GD. scaledgd (Tong, Ma, Chi 2021): A ← A - η ∇A (BᵀB)⁻¹, B ← B - η ∇B (AᵀA)⁻¹. reflora,
@@ -57,8 +59,11 @@ def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dty
     All start from the same (A₀, B₀). A curve stops early once its loss is non-finite, above 1e30, or below
     stop_below (default: 1e-12 in the normalized setting, never in the paper one). Settings (TOY_SETTINGS):
     "paper" mimics the authors' figure (assumed setting, see there); "normalized" (σ_max(Y) = 1, relative loss)
-    is the regime where ScaledGD beats RefLoRA.
+    is the regime where ScaledGD beats RefLoRA. base="adamw": lora, reflora and reflora-s on torch's AdamW
+    (β = 0.9, 0.999, ε = 1e-8, no weight decay, constant lr = η; the authors' base).
     """
+    if base not in reflora.BASES or (base != "sgd" and "scaledgd" in methods):
+        raise ValueError(f"toy: base={base!r} with methods {methods} (ScaledGD is gradient descent only)")
     cfg = TOY_SETTINGS[setting]
     m, n, r = cfg["m"], cfg["n"], cfg["r"]
     etas, iters = etas or cfg["etas"], iters or cfg["iters"]
@@ -78,7 +83,8 @@ def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dty
 
     def run(method, eta):
         A, B = torch.nn.Parameter(A0.clone()), torch.nn.Parameter(B0.clone())
-        opt = reflora.RefLoRA([(A, B)], method=method, base="sgd", lr=eta) if method.startswith("reflora") else None
+        use = method.startswith("reflora") or base == "adamw"
+        opt = reflora.RefLoRA([(A, B)], method=method, base=base, lr=eta) if use else None
         losses = []
         for t in range(iters + 1):
             with torch.no_grad():
@@ -87,7 +93,7 @@ def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dty
                 if t == iters or not losses[-1] < 1e30 or losses[-1] < floor:
                     break
                 gA, gB = R @ B, R.mT @ A  # ∇A = G B, ∇B = Gᵀ A
-                if opt is not None:  # RefLoRA(-S) under gradient descent: the optimizer itself
+                if opt is not None:  # RefLoRA(-S), or any method under AdamW: the optimizer itself
                     A.grad, B.grad = gA, gB
                     opt.step()
                 elif method == "scaledgd":  # Tong, Ma, Chi 2021: both from the old (A, B)
@@ -100,7 +106,7 @@ def toy(setting="paper", methods=TOY_METHODS, etas=None, iters=None, seed=0, dty
         return losses
 
     curves = {f"{m_}@{eta:g}": run(m_, eta) for m_ in methods for eta in etas}
-    setting_out = dict(cfg, name=setting, seed=seed, etas=list(etas), iters=iters, dtype=str(dtype),
+    setting_out = dict(cfg, name=setting, base=base, seed=seed, etas=list(etas), iters=iters, dtype=str(dtype),
                        initial_loss=curves[next(iter(curves))][0])
     return setting_out, curves
 
@@ -190,6 +196,8 @@ def log_grid(lo, hi, per_decade=4):
 # per setting: the η grid of the sweep and its iteration budget (the paper's figure runs 100 iterations)
 TOY_SWEEP = {"paper": dict(etas=log_grid(1e-3, 1.0), iters=1000),
              "normalized": dict(etas=log_grid(1e-2, 10.0), iters=2000)}
+# under AdamW the step is about η per coordinate whatever the gradient's scale: one grid for both settings
+TOY_SWEEP_ADAMW = {k: dict(v, etas=log_grid(1e-4, 1.0)) for k, v in TOY_SWEEP.items()}
 
 
 def stable(curve):
@@ -197,14 +205,17 @@ def stable(curve):
     return all(math.isfinite(x) for x in curve) and curve[-1] < 1e30 and curve[-1] <= curve[0]
 
 
-def toy_sweep(setting="paper", methods=TOY_METHODS, etas=None, seeds=(0, 1, 2), iters=None, tol=TOY_TOL):
+def toy_sweep(setting="paper", methods=None, etas=None, seeds=(0, 1, 2), iters=None, tol=TOY_TOL,
+              base="sgd"):
     """Every method at every η from every seed's problem and start -> dict(setting, etas, seeds, iters, tol,
     runs=[dict(method, eta, seed, iters_to, final, stable, curve)], summary=summarize_toy(...)). A curve stops
-    six decades below the tolerance (staying stable that far is part of being stable)."""
-    etas, iters = sorted(etas or TOY_SWEEP[setting]["etas"]), iters or TOY_SWEEP[setting]["iters"]
+    six decades below the tolerance (staying stable that far is part of being stable). base: see toy."""
+    grid = (TOY_SWEEP if base == "sgd" else TOY_SWEEP_ADAMW)[setting]
+    methods = methods or (TOY_METHODS if base == "sgd" else reflora.METHODS)
+    etas, iters = sorted(etas or grid["etas"]), iters or grid["iters"]
     runs, cfg = [], None
     for seed in seeds:
-        cfg, curves = toy(setting, methods, etas, iters, seed, stop_below=tol * 1e-6)
+        cfg, curves = toy(setting, methods, etas, iters, seed, stop_below=tol * 1e-6, base=base)
         for m in methods:
             for eta in etas:
                 c = curves[f"{m}@{eta:g}"]
@@ -247,7 +258,9 @@ def toy_sweep_markdown(res):
     etas, top, tol = res["etas"], max(res["etas"]), res["tol"]
     edge = lambda e: "-" if e is None else f"{e:g}" + (" (grid top)" if e == top else "")  # noqa: E731
     n_seeds, iters = len(res["seeds"]), res["iters"]
-    rows = [f"Setting {res['setting']['name']!r}, {n_seeds} seeds, {iters} iterations, tolerance {tol:g}.", "",
+    base = {"sgd": "gradient descent", "adamw": "AdamW"}[res["setting"].get("base", "sgd")]
+    rows = [f"Setting {res['setting']['name']!r}, {base}, {n_seeds} seeds, {iters} iterations, tolerance {tol:g}.",
+            "",
             f"| method | stable up to η | reaches {tol:g} up to η | fastest η | iterations to {tol:g} |",
             "|---|---|---|---|---|"]
     for m, s in res["summary"].items():
@@ -293,7 +306,7 @@ def toy_sweep_png(res, path):
     ax1.set(xscale="log", yscale="log", xlabel="step size η", ylabel=f"iterations to loss {res['tol']:g}",
             title=f"× at {res['iters']}: unstable (a seed diverged)")
     ax2.set(xlabel="step size η", ylabel=f"final loss (stops at {res['tol'] * 1e-6:g}; 1e30: diverged)",
-            title=f"toy {res['setting']['name']!r}, {len(res['seeds'])} seeds")
+            title=f"toy {res['setting']['name']!r}, {res['setting'].get('base', 'sgd')}, {len(res['seeds'])} seeds")
     for ax in (ax1, ax2):
         ax.grid(True, which="major", alpha=0.4)
         ax.legend(fontsize=8)
@@ -306,7 +319,7 @@ def toy_sweep_png(res, path):
 
 
 def run_toy_sweep(args):
-    res = toy_sweep(args.toy_setting, args.methods, args.etas, args.seeds, args.iters)
+    res = toy_sweep(args.toy_setting, args.methods, args.etas, args.seeds, args.iters, base=args.toy_base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     md = toy_sweep_markdown(res)
@@ -388,7 +401,9 @@ def main(argv=None):
     p.add_argument("--toy_sweep", action="store_true", help="the toy over a grid of step sizes, several seeds")
     p.add_argument("--adam_step", action="store_true", help="one AdamW step: ‖ΔW‖ of the three methods vs s")
     p.add_argument("--toy_setting", default="paper", choices=list(TOY_SETTINGS), help="paper or normalized")
-    p.add_argument("--methods", default=",".join(TOY_METHODS), help="--toy_sweep: methods")
+    p.add_argument("--toy_base", default="sgd", choices=list(reflora.BASES),
+                   help="--toy_sweep: gradient descent (the paper's) or AdamW")
+    p.add_argument("--methods", default="", help="--toy_sweep: methods (default: all; no scaledgd under adamw)")
     p.add_argument("--etas", default="", help="--toy_sweep: step sizes a,b,... (default: TOY_SWEEP's grid)")
     p.add_argument("--seeds", default="0,1,2", help="--toy_sweep: seeds of (Y, A0, B0)")
     p.add_argument("--iters", type=int, default=None, help="--toy_sweep: iterations (default: TOY_SWEEP's)")
@@ -398,7 +413,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.toy + args.toy_sweep + args.adam_step != 1:
         _fail("choose one of --toy, --toy_sweep, --adam_step")
-    args.methods = _list("methods", args.methods, str, TOY_METHODS)
+    allowed = TOY_METHODS if args.toy_base == "sgd" else reflora.METHODS
+    args.methods = _list("methods", args.methods, str, allowed) if args.methods else list(allowed)
     args.etas = _list("etas", args.etas, float) if args.etas else None
     args.seeds = _list("seeds", args.seeds, int)
     if args.iters is not None and args.iters < 1:

@@ -95,6 +95,7 @@ def test_toy_sweep_frontier_and_iterations(tmp_path, capsys):
                                           (["--toy_sweep", "--etas=0"], "--etas"),
                                           (["--toy_sweep", "--methods=lora,dora"], "dora"),
                                           (["--toy_sweep", "--iters=0"], "--iters"), ([], "choose one"),
+                                          (["--toy_sweep", "--toy_base=adamw", "--methods=scaledgd"], "scaledgd"),
                                           (["--toy", "--nope"], "--nope")])
 def test_cli_errors_are_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -114,3 +115,32 @@ def test_summarize_toy_by_hand():
     assert s["best_iters"] == pytest.approx((11.0, math.sqrt(2)))
     assert s["per_eta"][0.05] == dict(stable=True, reached=1, n=2, iters=None)
     assert s["per_eta"][0.4]["stable"] is False and s["per_eta"][0.4]["reached"] == 1
+
+
+def test_toy_under_adamw_is_torch_adamw():
+    """--toy_base=adamw: LoRA's curve is torch.optim.AdamW's on the same (Y, A₀, B₀), written out here; RefLoRA-S
+    (balanced before its first step) starts from the same loss and takes another path; no ScaledGD by default."""
+    import torch
+    res = E.toy_sweep("paper", etas=[0.01], seeds=[0], iters=12, base="adamw")
+    assert {r["method"] for r in res["runs"]} == {"lora", "reflora", "reflora-s"} and res["setting"]["base"] == "adamw"
+    assert "AdamW" in E.toy_sweep_markdown(res)
+    cfg = E.TOY_SETTINGS["paper"]
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731 (toy()'s draws, in order)
+    Y = cfg["sigma"] * rand(cfg["m"], cfg["r"]) @ rand(cfg["n"], cfg["r"]).mT / (cfg["m"] * cfg["n"]) ** 0.5
+    A = torch.nn.Parameter(cfg["a0"] * rand(cfg["m"], cfg["r"]))
+    B = torch.nn.Parameter(cfg["b0"] * rand(cfg["n"], cfg["r"]))
+    opt, ref = torch.optim.AdamW([A, B], lr=0.01, weight_decay=0.0), []
+    for t in range(13):
+        loss = 0.5 * (Y - A @ B.mT).square().sum()
+        ref.append(loss.item())
+        if t < 12:
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    curve = {r["method"]: r["curve"] for r in res["runs"]}
+    assert curve["lora"] == pytest.approx(ref, rel=1e-12)
+    assert curve["reflora-s"][0] == pytest.approx(ref[0], rel=1e-12)
+    assert curve["reflora-s"][-1] != pytest.approx(ref[-1])
+    with pytest.raises(ValueError, match="ScaledGD"):
+        E.toy("paper", methods=("lora", "scaledgd"), iters=1, base="adamw")
