@@ -2,7 +2,7 @@
 Benchmarks for reflora (timing hygiene after gpt-fast: warm-up, synchronized timed regions, medians, compile time
 reported apart, device and versions printed).
 
-    python bench.py --suite [--json=PATH]      # every GPU number the README promises, one command (< 8 min),
+    python bench.py --suite [--json=PATH]      # every GPU number the README promises, one command (< 9 min),
                     # train.py itself included (subprocesses: its loop, resume, --eval_only, torchrun DDP / FSDP2)
     python bench.py --suite --device=cpu --model=tiny --batch_size=2 --seq_len=32 --iters=2 --warmup=1 \
                     --new_tokens=4 --compile=False --dtype=float32   # the same code path on CPU (tests/test_bench.py)
@@ -335,20 +335,26 @@ def bench_generate(args):
 # the suite: every GPU number the README promises, in one command, each part on its own
 
 
-def suite_loop(r, device):
-    """train.py's step (its log's ms: fixed-length batches of the suite's shapes, no accumulation, reflora) beside
-    the suite's own train_steps on the same shapes: the loop's own cost."""
+def suite_loop(r, device, deadline):
+    """train.py's step (its log's ms: fixed-length batches of the suite's shapes, no accumulation, reflora,
+    compiled where the suite compiles) beside the suite's own train_steps on the same shapes: the loop's own cost.
+    Under 90 s left after train.py: its step alone (the suite's needs a compile)."""
     a, B, T, n = r.args, r.args.batch_size or 8, r.args.seq_len, 2 + max(r.args.iters, 2)
     r.straight(None)  # n log records of 5 steps; the first 2 (compilation, warm-up) left out
     flags = dict(r.flags, data_path=r.d / "fixed.jsonl", cutoff_len=T, batch_size=B, micro_batch_size=B,
                  max_iters=5 * n, log_interval=5)
-    recs, wall = devcheck.trainpy(flags, r.d / "loop", r.deadline)
+    recs, wall = devcheck.trainpy(flags, r.d / "loop", deadline)
     ms = statistics.median([x["ms"] for x in recs if "ms" in x][2:])
+    log(f"train.py loop: {wall:.0f} s for {5 * n} steps, {ms:.1f} ms per step after the first 10")
+    res = dict(model=r.name, batch_size=B, seq_len=T, steps=5 * n, compile=a.compile, wall_s=wall, trainpy_ms=ms,
+               suite_ms=None, loop_overhead_pct=None)
+    if deadline - time.perf_counter() < 90:
+        log("train.py loop: under 90 s left in the time budget: the suite's own step is skipped")
+        return res
     x = torch.randint(0, 256, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
     own = train_steps(build(r.name, device, r.dtype, a.rank), x[:, :-1], x[:, 1:], r.dtype, a.compile, a.warmup,
-                      a.iters)["methods"]["reflora"]["step_ms"]
-    return dict(model=r.name, batch_size=B, seq_len=T, steps=5 * n, wall_s=wall, trainpy_ms=ms, suite_ms=own,
-                loop_overhead_pct=100 * (ms / own - 1))
+                      a.iters, deadline)["methods"]["reflora"]["step_ms"]
+    return dict(res, suite_ms=own, loop_overhead_pct=100 * (ms / own - 1))
 
 
 def logged(name, res):  # a check's numbers on one progress line
@@ -510,7 +516,8 @@ def summary(out):
         row(p, "batched / one by one", g["ratio"], ".1f", 10, False, "×")
     lp, cuda = out["parts"].get("train.py loop", {}), out["versions"]["device"].startswith("cuda")
     if "trainpy_ms" in lp:
-        p = f"train.py {lp['model']} b{lp['batch_size']}×{lp['seq_len']} reflora"
+        p = f"train.py {lp['model']} b{lp['batch_size']}×{lp['seq_len']} reflora " \
+            f"{'compiled' if lp['compile'] else 'eager'}"
         row(p, "train.py step (its log.jsonl)", lp["trainpy_ms"], ".1f", unit=" ms")
         row(p, "the suite's own step (train_steps)", lp["suite_ms"], ".1f", unit=" ms")
         row(p, "train.py's loop over the suite's step", lp["loop_overhead_pct"], "+.2f", 5, unit=" %")
@@ -559,25 +566,36 @@ def markdown(rows):
     return "\n".join(lines + [f"| {' | '.join(map(str, r))} |" for r in rows]) + "\n"
 
 
+# in this order; train.py's compiled loop last: its compile took over 200 s on an H200 (SmolLM2-135M shapes,
+# dynamic), so in a full suite it gets what is left and is rerun alone if that was not enough (--only)
+PARTS = ("S_check", "step_check", "generate", "train.py resume", "train.py eval_only", "torchrun DDP",
+         "torchrun FSDP2", "train", "refactor", "train.py loop")
+
+
 def suite(args):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     out = dict(versions=header(device), config=vars(args), parts={})
     deadline = _T0 + args.budget
     batches = [args.batch_size] if args.batch_size else [64, 48, 40, 32, 24, 16, 8, 4, 2, 1]
     tmp = tempfile.mkdtemp(prefix="reflora-suite-")  # train.py's checkpoint, data and out_dirs
-    # cheap parts first; train.py's runs leave ~200 s, the training step ~100 s for the refactor step after it
-    r = devcheck.Runs(args, device, dtype, Path(tmp), deadline - 200)
-    parts = [("S_check", deadline, lambda: logged("S check", devcheck.check_S(device))),
-             ("step_check", deadline, lambda: logged("step check", devcheck.check_steps(device, args.compile))),
-             ("generate", deadline, lambda: suite_generate(args, device, dtype)),
-             ("train.py loop", r.deadline, lambda: suite_loop(r, device)),
-             ("train.py resume", r.deadline, lambda: devcheck.resume(r)),
-             ("train.py eval_only", r.deadline, lambda: devcheck.eval_only(r)),
-             ("torchrun DDP", r.deadline, lambda: devcheck.dist(r, False)),
-             ("torchrun FSDP2", r.deadline, lambda: devcheck.dist(r, True)),
-             ("train", deadline, lambda: suite_train(args, device, dtype, batches, deadline - 100)),
-             ("refactor", deadline, lambda: suite_refactor(args, device, deadline))]
-    for name, part_deadline, fn in parts:
+    # cheap parts first; what the later chosen parts need is kept from the earlier ones' deadlines: ~100 s for
+    # the refactor step, ~150 s for the training step (its compile and warm-up)
+    chosen = [p for p in PARTS if not args.only or p in args.only]  # in the suite's order
+    keep_refactor = 100 if "refactor" in chosen else 0
+    keep_train = keep_refactor + (150 if "train" in chosen else 0)
+    r = devcheck.Runs(args, device, dtype, Path(tmp), deadline - keep_train)
+    fns = {"S_check": (deadline, lambda: logged("S check", devcheck.check_S(device))),
+           "step_check": (deadline, lambda: logged("step check", devcheck.check_steps(device, args.compile))),
+           "generate": (deadline, lambda: suite_generate(args, device, dtype)),
+           "train.py resume": (r.deadline, lambda: devcheck.resume(r)),
+           "train.py eval_only": (r.deadline, lambda: devcheck.eval_only(r)),
+           "torchrun DDP": (r.deadline, lambda: devcheck.dist(r, False)),
+           "torchrun FSDP2": (r.deadline, lambda: devcheck.dist(r, True)),
+           "train.py loop": (deadline, lambda: suite_loop(r, device, deadline)),
+           "train": (deadline, lambda: suite_train(args, device, dtype, batches, deadline - keep_refactor)),
+           "refactor": (deadline, lambda: suite_refactor(args, device, deadline))}
+    for name in chosen:
+        part_deadline, fn = fns[name]
         if time.perf_counter() > part_deadline:
             out["parts"][name] = {"skipped": f"time budget of {args.budget:.0f} s spent"}
             log(f"--- {name}: skipped, time budget of {args.budget:.0f} s spent")
@@ -591,6 +609,8 @@ def suite(args):
             log(f"--- {name}: failed: {out['parts'][name]['error']}")
         free(device)
         torch._dynamo.reset()  # each part compiles afresh: no shapes left over to make the next compile dynamic
+        if args.json:  # what is done so far, should the machine be taken back before the end
+            atomic_write(args.json, json.dumps(dict(out, elapsed_s=time.perf_counter() - _T0), indent=2) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
     out["elapsed_s"] = time.perf_counter() - _T0
     rows, out["targets"] = summary(out)
@@ -621,7 +641,8 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=None, help="default 3; 2 for --suite")
     p.add_argument("--iters", type=int, default=None, help="default 20; 10 for --suite")
-    p.add_argument("--budget", type=float, default=450, help="--suite: seconds before the remaining parts are skipped")
+    p.add_argument("--budget", type=float, default=540, help="--suite: seconds before the remaining parts are skipped")
+    p.add_argument("--only", default="", help=f"--suite: these parts only, comma-separated, of {', '.join(PARTS)}")
     boolean = lambda s: {"true": True, "false": False}[s.lower()]  # noqa: E731
     p.add_argument("--compile", type=boolean, default=None, help="True/False (default: True on CUDA)")
     p.add_argument("--grad_checkpoint", type=boolean, default=False,
@@ -637,6 +658,9 @@ def main(argv=None):
         _fail(f"--beams={args.beams}: at most {MAX_BEAMS}")
     if not 0 < args.budget < float("inf"):
         _fail(f"--budget={args.budget}: must be a finite number of seconds > 0")
+    args.only = [x.strip() for x in args.only.split(",") if x.strip()]
+    if bad := [x for x in args.only if x not in PARTS]:
+        _fail(f"--only={bad[0]}: not a part of the suite ({', '.join(PARTS)})")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         _fail(f"--device={args.device}: expected cpu, cuda or cuda:N")
     if (args.device or "").startswith("cuda") and not torch.cuda.is_available():

@@ -9,6 +9,7 @@ References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), Thm 3; torch.distr
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -54,11 +55,19 @@ def trainpy(flags, out, deadline, nproc=0):
     try:
         p = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
                            timeout=max(1.0, left))
-    except subprocess.TimeoutExpired:
-        raise TimeoutError(f"train.py {out.name}: over the time budget ({left:.0f} s left)") from None
+    except subprocess.TimeoutExpired as e:
+        text = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else x or ""  # noqa: E731
+        print(text(e.stdout)[-3000:], text(e.stderr)[-3000:], sep="\n")  # where the time went
+        f = out / "log.jsonl"
+        it = max([json.loads(x).get("iter", 0) for x in f.read_text().splitlines()] if f.exists() else [0])
+        raise TimeoutError(f"train.py {out.name}: over the time budget ({left:.0f} s left), "
+                           f"{it} steps logged") from None
     if p.returncode:
         print(p.stdout[-3000:], p.stderr[-3000:], sep="\n")
-        raise RuntimeError(f"train.py {out.name}: exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1]}")
+        # the last error line (torchrun ends with its own banner after the rank's traceback)
+        lines = [x for x in p.stderr.splitlines() if x.strip()] or [""]
+        err = [x for x in lines if re.search(r"\w(Error|Exception)\b", x) and "ChildFailedError" not in x] or lines
+        raise RuntimeError(f"train.py {out.name}: exit {p.returncode}: {err[-1].strip()}")
     f = out / "log.jsonl"
     return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else [], time.perf_counter() - t0
 
@@ -77,15 +86,16 @@ class Runs:
 
     def __init__(self, args, device, dtype, d, deadline):
         self.args, self.cuda, self.dtype, self.d, self.deadline = args, device.type == "cuda", dtype, d, deadline
-        self.name, self.n_test = "tiny" if args.model == "tiny" else "smollm2-135m", 32 if self.cuda else 4
+        self.name, self.n_test = "tiny" if args.model == "tiny" else "smollm2-135m", 16 if self.cuda else 4
         self.done = {}
         self.flags = dict(init_from=d / "ckpt", tokenizer="bytes", data_dir=d / "data", device=args.device,
                           dtype=str(dtype).removeprefix("torch."), compile=args.compile, lora_r=args.rank,
                           lora_alpha=2 * args.rank, lora_dropout=0.0, method="reflora", reflora_warmup=1,
                           warmup_steps=2, val_set_size=8, eval_base=False, benchmark=False)
-        # the reference: dropout (generators across the resume), accumulation, length-grouped batches
+        # the reference: dropout (generators across the resume), accumulation, length-grouped batches; eager,
+        # since each compiled start of train.py compiles again (over a minute on an H200): only the loop compiles
         self.ref = dict(self.flags, data_path=d / "varied.jsonl", lora_dropout=0.1, batch_size=4, micro_batch_size=2,
-                        max_iters=6, log_interval=1)
+                        max_iters=6, log_interval=1, compile=False)
 
     def straight(self, out="straight"):
         """The inputs written once; the reference run into d/out once (out None: the inputs only); -> d/out."""
@@ -98,6 +108,7 @@ class Runs:
 def resume(r):
     """Stop at step 3 (checkpoint), resume to 6: against the uninterrupted run. CPU: bitwise. CUDA: within 10× the
     difference of two uninterrupted runs (atomics in attention's backward make a GPU run differ from itself)."""
+    r.straight(None)  # the inputs
     for extra in (dict(stop_iter=3), dict(resume=True)):
         trainpy(dict(r.ref, **extra), r.d / "half", r.deadline)
     noise = diffs(r.straight("again"), r.straight()) if r.cuda else dict(lora_rel_diff=0.0, loss_diff=0.0)
@@ -121,9 +132,9 @@ def eval_only(r):
 def dist(r, fsdp):
     """torchrun --nproc_per_node=1 (NCCL on CUDA, gloo on CPU): DDP, or FSDP2 (DTensor factors, the Grams
     all-reduced), against the uninterrupted single-process run."""
-    out = r.d / ("fsdp" if fsdp else "ddp")
+    out, ref = r.d / ("fsdp" if fsdp else "ddp"), r.straight()
     recs, wall = trainpy(dict(r.ref, fsdp=fsdp), out, r.deadline, nproc=1)
-    return dict(diffs(out, r.straight()), wall_s=wall, steps=max(x["iter"] for x in recs if "loss" in x))
+    return dict(diffs(out, ref), wall_s=wall, steps=max(x["iter"] for x in recs if "loss" in x))
 
 
 # -----------------------------------------------------------------------------

@@ -110,13 +110,15 @@ def balance_residual(exact, Ga, Gb, K, Kit, mu):
     return torch.where(exact, torch.linalg.matrix_norm(GA - GB) / torch.linalg.matrix_norm(GA), 0.0)
 
 
-def _stats(exact, usable, s, resid):
+def _stats(exact, usable, s, resid=None):
     """(4 + k,) float64 on the device: pairs refactored exactly, by the scalar fallback, left alone; the largest
-    balance residual (NaN: not computed yet); then s per pair (NaN where left alone). No host sync: read by
-    RefLoRA.stats()."""
+    balance residual (resid None: NaN, not computed yet); then s per pair (NaN where left alone). No host sync:
+    read by RefLoRA.stats()."""
     n = lambda m: m.sum(-1, keepdim=True).to(DT)
-    return torch.cat([n(exact), n(usable & ~exact), n(~usable), resid.amax(-1, keepdim=True),
-                      torch.where(usable, s, float("nan"))])
+    # NaN itself, not the max of NaNs: inductor (CUDA, torch 2.11) unrolls a reduction over k ≤ 8 pairs and fails
+    # on a maximum of constant NaNs
+    top = torch.full_like(n(exact), math.nan) if resid is None else resid.amax(-1, keepdim=True)
+    return torch.cat([n(exact), n(usable & ~exact), n(~usable), top, torch.where(usable, s, float("nan"))])
 
 
 def _gram(X):
@@ -206,7 +208,7 @@ def refactor_from(As, Bs, floor=None, reduce=None, select=False):
             Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
         out = _refactor(Ga, Gb, dt, floor[0], floor[1], La)
     S, Sinv, exact, usable, s, _, *parts = out
-    return S, Sinv, _stats(exact, usable, s, torch.full_like(s, math.nan)), (exact, *parts)
+    return S, Sinv, _stats(exact, usable, s), (exact, *parts)
 
 
 def precondition_grads(gAs, gBs, S, Sinv):

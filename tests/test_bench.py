@@ -2,6 +2,7 @@
 with the `tiny` preset and compile off): every part gives numbers and no error; no CUDA means one line and exit 0;
 the out-of-memory fallback of the batch search; the verdicts beside the targets."""
 import json
+import time
 
 import pytest
 import torch
@@ -75,6 +76,23 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys, monkeypatch):
                if x["metric"].startswith(("train.py", "torchrun")) and "loop over" not in x["metric"])
     assert targets["lora MFU"]["verdict"] == "n/a"  # no peak FLOPs for a CPU
     assert "| batched / one by one |" in capsys.readouterr().out
+
+
+def test_suite_only_runs_the_parts_named(tmp_path, monkeypatch):
+    """--only: those parts, whichever comes first (the rerun of a GPU suite's failed parts): the resume and DDP
+    parts without the loop before them (which wrote the inputs once), in the suite's order."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "suite.json"
+    assert bench.main(DRY_RUN + ["--only=torchrun DDP, train.py resume", f"--json={out}"]) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert list(parts) == ["train.py resume", "torchrun DDP"]
+    assert parts["train.py resume"]["lora_rel_diff"] == 0 and parts["torchrun DDP"]["lora_rel_diff"] == 0
+
+
+def test_trainpy_over_its_budget_says_how_far_it_got(tmp_path, capsys):
+    """A train.py part past its deadline: killed, its output printed, and the steps it logged in the message."""
+    with pytest.raises(TimeoutError, match="over the time budget .* 0 steps logged"):
+        devcheck.trainpy({"init_from": "tiny", "device": "cpu"}, tmp_path / "out", time.perf_counter() + 0.5)
 
 
 def test_suite_without_cuda_says_so_and_exits_0(capsys, monkeypatch):

@@ -127,7 +127,7 @@ for flag in ("--batch_size=0", "--batch_size=-3", "--seq_len=1", "--seq_len=-1",
 for flag, words in [("--beams=1000", "at most"), ("--budget=nan", "--budget"), ("--budget=0", "--budget"),
                     ("--device=tpu", "--device=tpu"), ("--json={d}/nope/r.json", "--json="), ("--png=x.png", "--png"),
                     ("--bogus", "--bogus"), ("--model=llama-99b", "--model"), ("--rank=x", "--rank"),
-                    ("--seq_len=9000", "max_seq_len")]:
+                    ("--seq_len=9000", "max_seq_len"), ("--only=step_check,trian", "--only=trian")]:
     case(f"bench-{flag[2:].replace('{d}', 'D')}", "bench.py", bench.main, bn(flag), words=words)
 case("bench-device-no-cuda", "bench.py", bench.main, bn("--device=cuda"), words="--device=cuda",
      need=torch.cuda.is_available)
