@@ -66,6 +66,21 @@ def timeit(fn, device, warmup=3, iters=20):
     return interleaved({"": fn}, device, warmup, iters)[""]
 
 
+def op_profile(fn, device, calls=2, top=8):
+    """torch.profiler over `calls` calls of fn: the `top` ops by self device time (CUDA) or self CPU time, as
+    [{op, ms, calls}] per call of fn."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [dict(op=e.key, ms=getattr(e, key) / 1e3 / calls, calls=e.count / calls) for e in ops]
+
+
 def interleaved(fns, device, warmup=3, iters=20):
     """{name: median ms}: the functions take turns, so drift in clocks or machine load hits all of them alike."""
     for fn in fns.values():
@@ -209,16 +224,19 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     opts = {m: reflora.RefLoRA(own[m], method=m, lr=1e-5, warmup=0, compile=compile) for m in reflora.METHODS}
     times = {m: {"step": [], "opt": [], "mem": 0} for m in opts}
 
-    def step(opt):
+    def backward(opt):
         for x, (A, B) in zip(layers, own[opt.method]):
             x.A, x.B = A, B
+        with amp:
+            loss = fwd(tokens, targets)[1]
+        loss.backward()
+
+    def step(opt):
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0 = time.perf_counter()
-        with amp:
-            loss = fwd(tokens, targets)[1]
-        loss.backward()
+        backward(opt)
         sync(device)
         t1 = time.perf_counter()
         opt.step()
@@ -244,6 +262,23 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
             s, o, mem = step(opt)
             times[m]["step"].append(s), times[m]["opt"].append(o)
             times[m]["mem"] = max(times[m]["mem"], mem)
+    # back to back, one sync at the end, as train.py steps: there RefLoRA's S̃ computed ahead (CUDA: on a side
+    # stream) can overlap the next forward and backward, which the synchronized steps above count in full
+    k = min(iters, 3)
+    for m, opt in opts.items():
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            backward(opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sync(device)
+        times[m]["loop"] = 1e3 * (time.perf_counter() - t0) / k
+    profile = {}
+    for m in ("reflora", "reflora-s"):  # where the optimizer's time goes: one step's gradients, stepped twice
+        backward(opts[m])
+        profile[m] = op_profile(opts[m].step, device)
+        opts[m].zero_grad(set_to_none=True)
     f0, f1 = M.flops_per_token(model)  # LoRA FLOPs per token: 4·N_frozen + 6·N_lora + attention
     B, T = tokens.shape
     fpt, peak = f0 + f1 * T, M.peak_flops(device) if dtype != torch.float32 else None  # float32: no MFU
@@ -252,7 +287,7 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
                first_step_s=first_s, warmup_s=warmup_s,
                loss_eager=loss_eager, loss_compiled=loss_fwd,  # compile off: the same forward twice, no check
                loss_rel_diff=abs(loss_fwd - loss_eager) / abs(loss_eager) if compile else None,
-               methods={})
+               methods={}, profile=profile, back_to_back_steps=k)
     print(f"batch {B} × seq {T}, {res['dtype']}, compile={compile}, {iters} timed steps per method (medians)")
     print(f"{'method':10s} {'step ms':>9s} {'opt ms':>8s} {'tok/s':>9s} {'mfu':>6s} {'peak MB':>9s}")
     for m, t in times.items():
@@ -260,7 +295,7 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
         tps = B * T / step_ms * 1e3
         mfu = fpt * tps / peak if peak else None
         r = res["methods"][m] = dict(step_ms=step_ms, opt_ms=opt_ms, tokens_per_s=tps, mfu=mfu,
-                                     peak_mem_mb=t["mem"] / 2**20 if cuda else None)
+                                     peak_mem_mb=t["mem"] / 2**20 if cuda else None, loop_ms=t["loop"])
         print(f"{m:10s} {step_ms:9.1f} {opt_ms:8.2f} {tps:9.0f} {f'{100 * mfu:.1f}%' if mfu else '-':>6s} "
               f"{r['peak_mem_mb'] or 0:9.0f}")
     lora = res["methods"]["lora"]
@@ -270,11 +305,14 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
         # the (identical) forward and backward
         extra = r["opt_ms"] - lora["opt_ms"]
         r["step_overhead_pct"] = 100 * (r["step_ms"] / lora["step_ms"] - 1)
+        r["loop_overhead_pct"] = 100 * (r["loop_ms"] / lora["loop_ms"] - 1)
         r["opt_share_pct"] = 100 * extra / lora["step_ms"]
         r["extra_mem_pct"] = 100 * (r["peak_mem_mb"] / lora["peak_mem_mb"] - 1) if cuda else None
         print(f"{m} overhead over lora: step {r['step_overhead_pct']:+.2f}%, optimizer {extra:+.2f} ms = "
               f"{r['opt_share_pct']:+.2f}% of a lora step"
-              + (f", peak memory {r['extra_mem_pct']:+.2f}%" if cuda else ""))
+              + (f", peak memory {r['extra_mem_pct']:+.2f}%" if cuda else "")
+              + f"; {k} steps back to back {r['loop_overhead_pct']:+.2f}%")
+        print(f"{m} optimizer step, top ops: " + ", ".join(f"{x['op']} {x['ms']:.2f} ms" for x in profile[m][:5]))
     return res
 
 
@@ -505,6 +543,11 @@ def summary(out):
         for m, tgt in (("reflora-s", 0.3), ("reflora", 1.0)):
             row(p, f"{m} optimizer share of a lora step", t["methods"][m]["opt_share_pct"], "+.2f", tgt, unit=" %")
             row(p, f"{m} step overhead", t["methods"][m]["step_overhead_pct"], "+.2f", unit=" %")
+        for m in ("reflora-s", "reflora"):
+            row(p, f"{m} step overhead, {t['back_to_back_steps']} steps back to back",
+                t["methods"][m]["loop_overhead_pct"], "+.2f", unit=" %")
+            for x in t["profile"][m][:5]:
+                row(p, f"{m} optimizer step: {x['op'][:60]} ({x['calls']:.0f}×)", x["ms"], ".2f", unit=" ms")
         row(p, "reflora extra peak memory", t["methods"]["reflora"]["extra_mem_pct"], "+.2f", 0.5, unit=" %")
         row(p, "reflora-s extra peak memory", t["methods"]["reflora-s"]["extra_mem_pct"], "+.2f", unit=" %")
         row(p, "compiled vs eager loss, rel. diff", t["loss_rel_diff"], ".1e", 1e-2)

@@ -41,6 +41,10 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys, monkeypatch):
         assert r["step_ms"] > 0 and r["opt_ms"] > 0 and r["tokens_per_s"] > 0, m
     for m in ("reflora", "reflora-s"):
         assert finite(t["methods"][m]["opt_share_pct"]) and finite(t["methods"][m]["step_overhead_pct"])
+        assert finite(t["methods"][m]["loop_overhead_pct"]) and t["methods"][m]["loop_ms"] > 0
+        assert t["profile"][m] and all(x["ms"] >= 0 and x["calls"] > 0 for x in t["profile"][m])
+    assert any("eigh" in x["op"] for x in t["profile"]["reflora"])  # RefLoRA's r×r work is where it is seen
+    assert not any("eigh" in x["op"] for x in t["profile"]["reflora-s"])
     assert finite(t["loss_eager"]) and t["loss_rel_diff"] is None  # compile off: nothing to compare
     g = parts["generate"]
     assert g["batched"] > 0 and g["one_by_one"] > 0 and finite(g["ratio"])
