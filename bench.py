@@ -198,8 +198,8 @@ def bench_refactor(args):
 
 def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20, deadline=None):
     """Per method {step_ms, opt_ms, tokens_per_s, mfu, peak_mem_mb}, plus the overheads over lora and a
-    compiled-vs-eager loss check. compile: torch.compile the model's forward as train.py does (a wrapper sharing
-    the parameters) and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short.
+    compiled-vs-eager loss check. compile: each block compiled in place, as train.py does (model.compile_blocks),
+    and the optimizer's refactoring. deadline (perf_counter time): fewer timed steps if short.
     RefLoRA's default `ahead` (CUDA: the next step's S̃ on a side stream at the end of step()): the device sync after
     opt.step() waits for that work too, so opt_ms counts it instead of letting it overlap the next forward. Each
     method steps its own copy of the LoRA factors, swapped into the model for its step: shared ones would be
@@ -208,7 +208,7 @@ def train_steps(model, tokens, targets, dtype, compile=False, warmup=3, iters=20
     cuda, amp = device.type == "cuda", M.autocast(model)
     with torch.no_grad(), amp:
         loss_eager = model(tokens, targets)[1].item()
-    fwd = torch.compile(model) if compile else model
+    fwd = M.compile_blocks(model) if compile else model
     t0 = time.perf_counter()
     with amp:
         loss = fwd(tokens, targets)[1]
@@ -609,8 +609,8 @@ def markdown(rows):
     return "\n".join(lines + [f"| {' | '.join(map(str, r))} |" for r in rows]) + "\n"
 
 
-# in this order; train.py's compiled loop last: its compile took over 200 s on an H200 (SmolLM2-135M shapes,
-# dynamic), so in a full suite it gets what is left and is rerun alone if that was not enough (--only)
+# in this order; train.py's compiled loop last, the slowest to start (its compile): it gets what is left, and is
+# rerun alone (--only) if that was not enough
 PARTS = ("S_check", "step_check", "generate", "train.py resume", "train.py eval_only", "torchrun DDP",
          "torchrun FSDP2", "train", "refactor", "train.py loop")
 

@@ -93,7 +93,7 @@ class Runs:
                           lora_alpha=2 * args.rank, lora_dropout=0.0, method="reflora", reflora_warmup=1,
                           warmup_steps=2, val_set_size=8, eval_base=False, benchmark=False)
         # the reference: dropout (generators across the resume), accumulation, length-grouped batches; eager,
-        # since each compiled start of train.py compiles again (over a minute on an H200): only the loop compiles
+        # since each compiled start of train.py compiles again: only the loop compiles
         self.ref = dict(self.flags, data_path=d / "varied.jsonl", lora_dropout=0.1, batch_size=4, micro_batch_size=2,
                         max_iters=6, log_interval=1, compile=False)
 

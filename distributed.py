@@ -48,14 +48,12 @@ def shard(net, model, clf, bf16):
     fully_shard(net, mp_policy=mp)
 
 
-def wrap(net, ddp, fsdp, compile, dev):
-    """The training forward: compiled (a wrapper sharing the parameters; checkpoints read `net` itself), then DDP
-    (under FSDP the sharded modules are their own wrapper)."""
-    # dynamic shapes: one graph for every batch length (on CPU faster than padding to a few static lengths)
-    fwd = torch.compile(net, dynamic=True) if compile else net
+def wrap(net, ddp, fsdp, dev):
+    """The training forward: `net` under DDP (checkpoints read `net` itself), else `net` (under FSDP the sharded
+    modules are their own wrapper)."""
     if ddp and not fsdp:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[dev.index] if dev.type == "cuda" else None)
-    return fwd
+        return torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    return net
 
 
 def reduced(t, ddp, op="sum"):

@@ -40,7 +40,8 @@ from dataset import BatchOrder, check_against, cls_batch, encode_cls, encode_lm,
     resolve_data_dir, steps_per_epoch, train_files
 from distributed import reduced
 from evaluate import base_accuracy, evaluate_out_dir, evaluate_run, validate
-from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compute_dtype, flops_per_token, peak_flops
+from model import TARGETS, Classifier, add_lora, autocast, cls_loss, compile_blocks, compute_dtype, flops_per_token, \
+    peak_flops
 from reflora import BASES, METHODS, RefLoRA, local, step_norm
 from runstate import SIGNALS, Interrupted, TrainingDiverged, claim, result_files, resume_checkpoint, save_checkpoint, \
     signal_handlers, start_run, stop_if_diverged, training_state
@@ -98,7 +99,7 @@ eval_only = False
 seed = 42
 device = "auto"  # auto | cpu | cuda | cuda:N
 dtype = "auto"  # auto (bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX, else float32) | float32 | bfloat16
-compile = torch.cuda.is_available()  # torch.compile the training forward (CPU too: inductor, minutes to compile)
+compile = torch.cuda.is_available()  # torch.compile each block for training (CPU too: inductor, ~30 s to compile)
 backend = ""  # torch.distributed backend under torchrun; "" = nccl on CUDA, gloo on CPU
 fsdp = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP, for models that do not fit one GPU
 # -----------------------------------------------------------------------------
@@ -251,6 +252,8 @@ def train(cfg):
 
 def _train(r):
     cfg = r.cfg
+    if cfg["compile"]:  # each block, dynamic shapes: one graph for every batch length (eager when evaluating)
+        compile_blocks(r.model, dynamic=True)
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
         distributed.shard(r.net, r.model, r.clf, compute_dtype(cfg["dtype"], r.dev) == torch.bfloat16)
     r.opt, r.sched = _optimizer(cfg, r.model, r.clf, r.total, r.dev)
@@ -262,7 +265,7 @@ def _train(r):
         r.it, r.best_val, r.last_saved = st["iter_num"], st["best_val"], st["iter_num"]
         r.log(f"resumed from {r.out_dir / 'state.pt'} at iter {r.it}" + "".join(
             f", {k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k not in ("resume", "out_dir")))
-    r.fwd = distributed.wrap(r.net, r.ddp, cfg["fsdp"], cfg["compile"], r.dev)
+    r.fwd = distributed.wrap(r.net, r.ddp, cfg["fsdp"], r.dev)
     r.log(f"training: {len(r.train_set):,} examples, {r.total} steps of {cfg['batch_size']} ({r.world} × {r.accum} × "
           f"{r.mb}), {sum(p.numel() for p in r.trainable):,} trainable parameters, {cfg['method']} on {cfg['base']}")
     r.logf = open(r.out_dir / "log.jsonl", "a") if r.rank == 0 else None
@@ -294,8 +297,10 @@ def _finish(r):
     """After the loop: the benchmark of a finished commonsense run, then the last line: where the results are (files
     that exist, loss.png drawn from log.jsonl), how to sample; -> dict(iter, best_val[, eval])."""
     cfg, out_dir, log, result = r.cfg, r.out_dir, r.log, dict(iter=r.it, best_val=r.best_val)
-    if r.it == r.total and r.clf is None and (acc := evaluate_run(r.model, r.tok, cfg, r.data_dir, out_dir, r.rank,
-                                                                 r.world, log, r.base, r.it)) is not None:
+    with torch.compiler.set_stance("force_eager"):  # compiled blocks (compile=True) run eager here
+        acc = evaluate_run(r.model, r.tok, cfg, r.data_dir, out_dir, r.rank, r.world, log, r.base, r.it) \
+            if r.it == r.total and r.clf is None else None
+    if acc is not None:
         result["eval"] = acc
     if r.logf:
         r.logf.close()
@@ -421,8 +426,9 @@ def _checkpoint(r, validation=True):
     """Validation loss (+ GLUE metrics), then the PEFT adapter (+ head) and state.pt, written by the master."""
     cfg = r.cfg
     # (stopping on a signal: save at once)
-    v, metrics = validate(r.model, r.clf, r.tok, cfg, r.val_set, r.out_dir, r.rank, r.world) if validation \
-        else (None, {})
+    with torch.compiler.set_stance("force_eager"):  # compiled blocks (compile=True) run eager here
+        v, metrics = validate(r.model, r.clf, r.tok, cfg, r.val_set, r.out_dir, r.rank, r.world) if validation \
+            else (None, {})
     if v is not None:
         _stop_if_diverged(r, torch.tensor(v, device=r.dev), "validation loss")
         r.best_val = min(r.best_val, v)

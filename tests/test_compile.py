@@ -3,6 +3,7 @@ preset. Compiled training step == eager for lora / reflora / reflora-s and the G
 a bounded number of recompilations over batches of varying length, and bf16 tracking float32's loss.
 
 Compilation is slow on a small CPU: one compiled model is shared by the tests of a module fixture, shapes are tiny."""
+import copy
 import json
 import random
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train as T
-from model import Classifier, ModelArgs, Transformer, add_lora, cls_loss, lora_state_dict
+from model import PRESETS, Classifier, ModelArgs, Transformer, add_lora, cls_loss, compile_blocks, lora_state_dict
 from reflora import RefLoRA
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # compiled vs eager, float32: inductor reorders and fuses, nothing more
@@ -109,6 +110,32 @@ def test_no_graph_breaks(lm, clf):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
 
 
+def test_compiled_blocks_share_their_graphs_and_match_eager():
+    """model.compile_blocks (train.py's compile): four blocks, two lengths, two graphs in all (the first block's
+    input needs no gradient, the others share one), and the loss and gradients of the eager model."""
+    torch.manual_seed(0)
+    eager = Transformer(ModelArgs(**{**PRESETS["tiny"], "n_layers": 4}))
+    add_lora(eager, r=4, alpha=8)
+    with torch.no_grad():
+        for A, _ in eager.lora_pairs():
+            A.normal_(std=0.02)
+    compiled = compile_blocks(copy.deepcopy(eager), dynamic=True)
+    stats = torch._dynamo.utils.counters["stats"]
+    before = stats["unique_graphs"]
+    for T_ in (16, 11):
+        x, y = _batch(T_=T_, seed=T_)
+        out = []
+        for m in (compiled, eager):
+            loss = m(x, targets=y)[1]
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.requires_grad]))
+            m.zero_grad(set_to_none=True)
+        torch.testing.assert_close(out[0][0], out[1][0], **TOL)
+        for a, b in zip(out[0][1], out[1][1]):
+            torch.testing.assert_close(a, b, **TOL)
+    assert stats["unique_graphs"] - before == 2, dict(stats)
+
+
 # -----------------------------------------------------------------------------
 # train.py: recompilations over a run, bf16 vs float32
 
@@ -144,8 +171,9 @@ def test_train_recompiles_a_bounded_number_of_times(tmp_path):
     losses = _run(tmp_path, "c", "--compile=True", "--max_iters=8", "--method=reflora-s", "--cutoff_len=256",
                   "--batch_size=2", "--micro_batch_size=2", varied=True)
     assert len(losses) == 8 and all(map(torch.isfinite, torch.tensor(losses)))
-    # 8 batches of (nearly all) different lengths: one graph, dynamic in T (train.py compiles with dynamic=True)
-    assert stats["unique_graphs"] - before == 1, dict(stats)
+    # 8 batches of (nearly all) different lengths: train.py compiles each block with dynamic=True, and the blocks
+    # share their graphs: the first block's (its input needs no gradient) and the other's, for every length
+    assert stats["unique_graphs"] - before == 2, dict(stats)
 
 
 def test_bf16_tracks_float32(tmp_path):
