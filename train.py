@@ -254,6 +254,7 @@ def _train(r):
     cfg = r.cfg
     if cfg["compile"]:  # each block, dynamic shapes: one graph for every batch length (eager when evaluating)
         compile_blocks(r.model, dynamic=True)
+        r.log(f"compile: each of the {len(r.model.layers)} blocks, one graph for all (compiled at the first step)")
     if cfg["fsdp"]:  # before the optimizer: fully_shard swaps in DTensor parameters
         distributed.shard(r.net, r.model, r.clf, compute_dtype(cfg["dtype"], r.dev) == torch.bfloat16)
     r.opt, r.sched = _optimizer(cfg, r.model, r.clf, r.total, r.dev)

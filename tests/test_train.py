@@ -288,6 +288,23 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
         assert torch.equal(v, two["lora"][k]), k
 
 
+def test_fsdp_with_compiled_blocks_matches_one_eager_process(tmp_path):
+    """train.py's CUDA defaults on gloo: each block compiled (before fully_shard), FSDP2 over 2 processes, RefLoRA:
+    the adapter of one eager process, up to what inductor's fusions and the shards' reduction order change."""
+    flags = lambda d: tiny_args(d, lora_dropout=0.0, max_iters=3, eval_limit=1, method="reflora")
+    T.train(T.parse_config(flags(tmp_path / "one")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *flags(tmp_path / "two"), "--fsdp=True", "--compile=True"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compile: each of the 2 blocks" in r.stdout
+    one, two = state(tmp_path / "one/out"), state(tmp_path / "two/out")
+    assert two["iter_num"] == 3 and any(v.abs().max() > 0 for k, v in one["lora"].items() if k.endswith(".A"))
+    for k in one["lora"]:
+        torch.testing.assert_close(two["lora"][k], one["lora"][k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["lora", "reflora", "reflora-s"])
 def test_log_records_the_refactoring(tmp_path, method):
     """log.jsonl's training records carry the last refactoring's stats (issue 10.2): every pair refactored
