@@ -308,7 +308,6 @@ def add_lora(model, r, alpha, dropout=0.0, targets=("wq", "wk", "wv", "w3", "w2"
     return model
 
 
-@torch.no_grad()
 def compile_blocks(model, dynamic=None):
     """torch.compile each transformer block in place (nn.Module.compile; parameters and state_dict keys unchanged)
     instead of the whole model: the blocks share one graph (two: the first block's input needs no gradient), so
@@ -319,6 +318,7 @@ def compile_blocks(model, dynamic=None):
     return model
 
 
+@torch.no_grad()
 def merge_lora(model):
     """W ← W + (α/r) A Bᵀ in float32 (or float64), back to W's dtype; for export and eval only."""
     for parent in list(model.modules()):
