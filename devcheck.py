@@ -59,7 +59,8 @@ def trainpy(flags, out, deadline, nproc=0):
         text = lambda x: x.decode(errors="replace") if isinstance(x, bytes) else x or ""  # noqa: E731
         print(text(e.stdout)[-3000:], text(e.stderr)[-3000:], sep="\n")  # where the time went
         f = out / "log.jsonl"
-        it = max([json.loads(x).get("iter", 0) for x in f.read_text().splitlines()] if f.exists() else [0])
+        lines = f.read_text().splitlines(keepends=True) if f.exists() else []  # the last may be cut off
+        it = max([json.loads(x).get("iter", 0) for x in lines if x.endswith("\n")] or [0])
         raise TimeoutError(f"train.py {out.name}: over the time budget ({left:.0f} s left), "
                            f"{it} steps logged") from None
     if p.returncode:

@@ -99,7 +99,7 @@ eval_only = False
 seed = 42
 device = "auto"  # auto | cpu | cuda | cuda:N
 dtype = "auto"  # auto (bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX, else float32) | float32 | bfloat16
-compile = torch.cuda.is_available()  # torch.compile each block for training (CPU too: inductor, ~30 s to compile)
+compile = torch.cuda.is_available()  # torch.compile each block for training (CPU too: inductor; at the first step)
 backend = ""  # torch.distributed backend under torchrun; "" = nccl on CUDA, gloo on CPU
 fsdp = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP, for models that do not fit one GPU
 # -----------------------------------------------------------------------------

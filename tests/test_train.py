@@ -225,14 +225,18 @@ def test_nonfinite_loss_stops_cleanly(tmp_path, capsys):
 # DDP: 2 processes (gloo, CPU) give the result of 1 process with the same global batch
 
 
+def torchrun(argv, timeout):
+    """train.py under torchrun, 2 processes of one thread each (the machine's 2 cores): the finished process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *argv], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     # no dropout (its masks differ across ranks); reflora-s rescales from step 2 on
     flags = lambda d: tiny_args(d, lora_dropout=0.0, max_iters=3, eval_limit=2)
     T.train(T.parse_config(flags(tmp_path / "one")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           *flags(tmp_path / "two")]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = torchrun(flags(tmp_path / "two"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "(2 × 1 × 4)" in r.stdout  # 2 processes, no accumulation, micro-batch 4
     one, two = state(tmp_path / "one/out"), state(tmp_path / "two/out")
@@ -254,10 +258,7 @@ def test_fsdp_two_processes_match_one_and_resume(tmp_path, method):
     flags = lambda d, **kw: tiny_args(d, lora_dropout=0.0, max_iters=4, eval_limit=1, eval_interval=2,
                                       method=method, **kw)
     T.train(T.parse_config(flags(tmp_path / "one")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda d, *extra: subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-         *flags(d), "--fsdp=True", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    run = lambda d, *extra: torchrun([*flags(d), "--fsdp=True", *extra], timeout=180)  # noqa: E731
     r = run(tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run(tmp_path / "half", "--stop_iter=2")
@@ -293,10 +294,7 @@ def test_fsdp_with_compiled_blocks_matches_one_eager_process(tmp_path):
     the adapter of one eager process, up to what inductor's fusions and the shards' reduction order change."""
     flags = lambda d: tiny_args(d, lora_dropout=0.0, max_iters=3, eval_limit=1, method="reflora")
     T.train(T.parse_config(flags(tmp_path / "one")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *flags(tmp_path / "two"), "--fsdp=True", "--compile=True"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = torchrun([*flags(tmp_path / "two"), "--fsdp=True", "--compile=True"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compile: each of the 2 blocks" in r.stdout
     one, two = state(tmp_path / "one/out"), state(tmp_path / "two/out")
