@@ -19,6 +19,7 @@ References: Zhang, Li, Giannakis, RefLoRA (arXiv 2505.18877), the overhead chart
 gpt-fast's benchmarks; nanoGPT's MFU estimate (PaLM appendix B).
 """
 import argparse
+import functools
 import gc
 import json
 import os
@@ -162,9 +163,10 @@ def loop_precondition(As, Bs, gAs, gBs):
 def refactor_steps(pairs, device, compile, warmup=2, iters=10):
     """{name: median ms} of one refactor step over `pairs`, interleaved; compile=False leaves the compiled row out."""
     As, Bs, gAs, gBs = map(list, zip(*pairs))
-    rows = {"loop": loop_precondition, "eager": torch.no_grad()(reflora.precondition)}
+    stacked = torch.no_grad()(functools.partial(reflora.precondition, stacked=True))  # the optimizer's, on CUDA
+    rows = {"loop": loop_precondition, "per_factor": torch.no_grad()(reflora.precondition), "eager": stacked}
     if compile:
-        compiled = torch.compile(reflora.precondition)
+        compiled = torch.compile(functools.partial(reflora.precondition, stacked=True))
         t0 = time.perf_counter()
         with torch.no_grad():
             compiled(As, Bs, gAs, gBs)
@@ -178,8 +180,9 @@ def refactor_steps(pairs, device, compile, warmup=2, iters=10):
     return interleaved(fns, device, warmup=warmup, iters=iters)
 
 
-REFACTOR_ROWS = {"loop": "per-pair loop (authors' algorithm)", "eager": "batched, eager",
-                 "compiled": "batched, compiled", "rescale": "RefLoRA-S rescale (batched, eager)"}
+REFACTOR_ROWS = {"loop": "per-pair loop (authors' algorithm)", "per_factor": "batched, one op per factor, eager",
+                 "eager": "batched, stacked by shape, eager", "compiled": "batched, stacked, compiled",
+                 "rescale": "RefLoRA-S rescale (batched, eager)"}
 
 
 def bench_refactor(args):

@@ -134,24 +134,42 @@ def _cholqr2(X, L1):
     return torch.where((info == 0)[..., None, None], L1 @ L2, float("nan"))
 
 
-def grams(As, Bs, la=True, fast=False):
+def _each(f, Xs, *others, stacked=False):
+    """[f(X, *o) for X, *o in zip(Xs, *others)]. stacked: as one call of f per shape of X, on stacked copies (f
+    batched over a leading dim): on CUDA each op is a kernel launch, so LLaMA-7B's 160 A factors (2 shapes) take
+    2 launches per op, not 160."""
+    if not stacked:
+        return list(map(f, Xs, *others))
+    groups = {}
+    for i, X in enumerate(Xs):
+        groups.setdefault(tuple(X.shape), []).append(i)
+    out = [None] * len(Xs)
+    for ix in groups.values():
+        for i, y in zip(ix, f(*(torch.stack([L[i] for i in ix]) for L in (Xs, *others))).unbind(0)):
+            out[i] = y
+    return out
+
+
+def grams(As, Bs, la=True, fast=False, stacked=False):
     """Ga = AᵀA, Gb = BᵀB (k, r, r) float64, and La (k, r, r) with La Laᵀ = AᵀA, for lists of factors.
 
     Float64 Grams, every La from one CholeskyQR2 pass (no data-dependent branch: for graphs and side streams).
     la=False: no La (row shards, whose Grams are summed first), None instead. fast: the Grams of float32/bf16
     factors from float32 products, no La: refactor_from's first pass on the CPU (kept where its check passes).
+    stacked: one batched op per shape of factor (see _each), for graphs and CUDA; on the CPU the copies cost
+    more than the calls they save (RESULTS.md).
     """
     Xs, k = [*As, *Bs], len(As)
     if fast and As[0].dtype != DT:
         G = torch.stack([X.float().mT @ X.float() for X in Xs]).to(DT)
         return G[:k], G[k:], None
-    G = torch.stack([_gram(X) for X in Xs])
+    G = torch.stack(_each(_gram, As, stacked=stacked) + _each(_gram, Bs, stacked=stacked))
     Ga, Gb = G[:k], G[k:]
     if not la:
         return Ga, Gb, None
     La, info = torch.linalg.cholesky_ex(Ga)
     La = torch.where((info == 0)[..., None, None], La, float("nan"))
-    return Ga, Gb, torch.stack([_cholqr2(A, L) for A, L in zip(As, La.unbind(0))])
+    return Ga, Gb, torch.stack(_each(_cholqr2, As, list(La.unbind(0)), stacked=stacked))
 
 
 def optimal_S(A, B):
@@ -183,14 +201,15 @@ def floors(As, Bs, device=None):
     return torch.tensor([[tiny * X.numel() for X in As], [tiny * X.numel() for X in Bs]], dtype=DT, device=device)
 
 
-def refactor_from(As, Bs, floor=None, reduce=None, select=False):
+def refactor_from(As, Bs, floor=None, reduce=None, select=False, stacked=False):
     """RefLoRA's weight-only part (Thm 3): S̃, S̃⁻¹ (k, r, r) float64 for pairs of one rank r, the bucket's
     statistics (see _stats; the residual left NaN) and `parts`, from which balance_residual(*parts) gives the
     residual when it is asked for (RefLoRA.stats, once per log line). floor: `floors(As, Bs)` (built here if
     None). reduce: for row shards of the factors (FSDP), a sum over the shards (the Grams are sums over rows; La
     then from the summed Gram).
     select (eager on the CPU, where reading a mask costs no device sync): float32 Grams first, and the float64
-    path only for the pairs where they may not be exact (τ > 300·r, see _refactor, or not refactored by Thm 3)."""
+    path only for the pairs where they may not be exact (τ > 300·r, see _refactor, or not refactored by Thm 3).
+    stacked (the other paths: graphs, CUDA): the Grams one batched op per shape of factor (see grams)."""
     floor = floors(As, Bs, As[0].device) if floor is None else floor
     dt, r = As[0].dtype, As[0].shape[-1]
     if select and reduce is None and dt != DT:
@@ -203,7 +222,7 @@ def refactor_from(As, Bs, floor=None, reduce=None, select=False):
             for x, y in zip(out, _refactor(Ga, Gb, dt, floor[0, redo], floor[1, redo], La)):
                 x[redo] = y
     else:
-        Ga, Gb, La = grams(As, Bs, la=reduce is None)  # (k, r, r)
+        Ga, Gb, La = grams(As, Bs, la=reduce is None, stacked=stacked)  # (k, r, r)
         if reduce is not None:  # AᵀA = Σ_shards A_iᵀA_i: one collective for the whole bucket
             Ga, Gb = reduce(torch.cat([Ga, Gb])).split(len(As))
         out = _refactor(Ga, Gb, dt, floor[0], floor[1], La)
@@ -211,26 +230,28 @@ def refactor_from(As, Bs, floor=None, reduce=None, select=False):
     return S, Sinv, _stats(exact, usable, s), (exact, *parts)
 
 
-def precondition_grads(gAs, gBs, S, Sinv):
-    """Thm 3: ∇A S̃⁻¹ and ∇B S̃ (see precondition), the products in float32 (float64 for float64 gradients)."""
+def precondition_grads(gAs, gBs, S, Sinv, stacked=False):
+    """Thm 3: ∇A S̃⁻¹ and ∇B S̃ (see precondition), the products in float32 (float64 for float64 gradients).
+    stacked: one batched product per shape of gradient (see _each; the results are views of its output)."""
     dt = torch.float64 if gAs[0].dtype == torch.float64 else torch.float32
     S, Sinv = S.to(dt), Sinv.to(dt)
-    return ([(g.to(dt) @ Si).to(g.dtype) for g, Si in zip(gAs, Sinv.unbind(0))],
-            [(g.to(dt) @ Sk).to(g.dtype) for g, Sk in zip(gBs, S.unbind(0))])
+    prod = lambda g, M: (g.to(dt) @ M).to(g.dtype)
+    return (_each(prod, gAs, list(Sinv.unbind(0)), stacked=stacked),
+            _each(prod, gBs, list(S.unbind(0)), stacked=stacked))
 
 
-def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False):
+def precondition(As, Bs, gAs, gBs, floor=None, reduce=None, select=False, stacked=False):
     """RefLoRA as preconditioning: the new (∇A, ∇B) lists for pairs of one rank r (Thm 3).
 
     Refactoring (Ã, B̃) = (A S̃^{1/2}, B S̃^{-1/2}) gives ∇Ã = ∇A S̃^{-1/2} and ∇B̃ = ∇B S̃^{1/2} (∇A = G B, ∇B = Gᵀ A),
     and a gradient step on (Ã, B̃) gives the same W as a step on (A, B) with ∇A S̃⁻¹ and ∇B S̃:
     (A S̃^½ - η∇A S̃^-½)(B S̃^-½ - η∇B S̃^½)ᵀ = (A - η∇A S̃⁻¹)(B - η∇B S̃)ᵀ. So ∇A gets S̃⁻¹ and ∇B gets S̃.
-    S̃ comes from the weights only (refactor_from; floor, reduce, select: see there), then the products with the
-    gradients (precondition_grads). Also returns the bucket's statistics (see _stats).
+    S̃ comes from the weights only (refactor_from; floor, reduce, select, stacked: see there), then the products
+    with the gradients (precondition_grads). Also returns the bucket's statistics (see _stats).
     """
-    S, Sinv, st, parts = refactor_from(As, Bs, floor, reduce, select)
+    S, Sinv, st, parts = refactor_from(As, Bs, floor, reduce, select, stacked)
     st[3] = balance_residual(*parts).amax()
-    return (*precondition_grads(gAs, gBs, S, Sinv), st)
+    return (*precondition_grads(gAs, gBs, S, Sinv, stacked), st)
 
 
 def rescale(As, Bs, moments, floor=None, reduce=None):
@@ -529,7 +550,7 @@ class RefLoRA(torch.optim.Optimizer):
             self._floors[key] = floors([A for A, _, _ in pairs], [B for _, B, _ in pairs], local(pairs[0][0]).device)
         return self._floors[key]
 
-    def _cpu(self, pairs):  # eager on the CPU: float32 Grams where exact (refactor_from's select)
+    def _cpu(self, pairs):  # eager on the CPU: float32 Grams where exact (refactor_from's select), else stacked
         return not self.compile and pairs[0][0].device.type == "cpu"
 
     def _folds(self, p):
@@ -559,7 +580,8 @@ class RefLoRA(torch.optim.Optimizer):
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(stream.device))  # the weights as the base step left them
         with torch.cuda.stream(stream):
-            return self._refactor_from(As, Bs, floor, _shard_sum(pairs[0][0]), select=self._cpu(pairs))
+            cpu = self._cpu(pairs)
+            return self._refactor_from(As, Bs, floor, _shard_sum(pairs[0][0]), select=cpu, stacked=not cpu)
 
     @staticmethod
     def _stamp(pairs):
@@ -593,7 +615,7 @@ class RefLoRA(torch.optim.Optimizer):
             if done is not None:
                 torch.cuda.current_stream(pairs[0][0].device).wait_event(done)
             gAs, gBs = self._views(pairs, lambda p: p.grad)
-            gAs, gBs = self._precondition_grads(gAs, gBs, S, Sinv)
+            gAs, gBs = self._precondition_grads(gAs, gBs, S, Sinv, stacked=not self._cpu(pairs))
             self._last.append((st, parts))
             for (A, B, t), gA, gB in zip(pairs, gAs, gBs):
                 for p, g in ((A, gA), (B, gB.mT if t else gB)):

@@ -49,7 +49,7 @@ def test_suite_dry_run_on_cpu(tmp_path, capsys, monkeypatch):
     g = parts["generate"]
     assert g["batched"] > 0 and g["one_by_one"] > 0 and finite(g["ratio"])
     f = parts["refactor"]
-    assert f["pairs"] == 10 and set(f["ms"]) == {"loop", "eager", "rescale"}  # tiny: 2 layers × 5; no compile
+    assert f["pairs"] == 10 and set(f["ms"]) == {"loop", "per_factor", "eager", "rescale"}  # 2 layers × 5; no compile
     assert all(v > 0 for v in f["ms"].values())
     c = {**parts["S_check"], **parts["step_check"]}
     # against float64 references (Thm 3's closed form by eigh; a float64 step): close, and not equal by construction

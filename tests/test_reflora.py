@@ -531,8 +531,10 @@ def test_compiled_equals_eager_with_one_graph_per_bucket():
 
     def model(dtype=torch.float32):
         g = torch.Generator().manual_seed(0)
-        return [tuple(torch.nn.Parameter(torch.randn(6, r, generator=g, dtype=dtype)) for _ in range(2))
-                for r in (2, 3, 4, 3)]
+        # the r = 3 bucket holds two shapes of A: the compiled path's stacked products keep the pairs' order
+        return [(torch.nn.Parameter(torch.randn(m, r, generator=g, dtype=dtype)),
+                 torch.nn.Parameter(torch.randn(6, r, generator=g, dtype=dtype)))
+                for m, r in ((6, 2), (7, 3), (6, 4), (5, 3), (7, 3))]
 
     def run(pairs, method, compile):
         opt = RefLoRA(pairs, method=method, lr=1e-2, compile=compile, ahead=compile)
@@ -550,7 +552,7 @@ def test_compiled_equals_eager_with_one_graph_per_bucket():
         counters.clear()
         opt = run(comp, method, True)
         assert 1 <= counters["stats"]["unique_graphs"] <= 3 * (2 if method == "reflora" else 1)  # 3 buckets
-        assert opt.stats()["exact"] == 4
+        assert opt.stats()["exact"] == 5
         for a, b in zip((p for ab in comp for p in ab), (p for ab in eager for p in ab)):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -587,10 +589,10 @@ def test_S_is_exact_for_ill_conditioned_low_precision_factors(dtype, r, cond_a, 
     # preconditioned gradients equal ∇A S̃⁻¹, ∇B S̃, and S̃ itself is exact
     gA, gB = torch.ones(m, r, dtype=dtype), torch.ones(400, r, dtype=dtype)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # the result is rounded to the gradients' dtype
-    for select in (False, True):
-        pA, pB, _ = reflora.precondition([A], [B], [gA], [gB], select=select)
+    for kw in (dict(), dict(select=True), dict(stacked=True)):
+        pA, pB, _ = reflora.precondition([A], [B], [gA], [gB], **kw)
         assert rel(pB[0].to(F64), gB.to(F64) @ ref) < tol
-        assert rel(reflora.refactor_from([A], [B], select=select)[0][0], ref) < 1e-4
+        assert rel(reflora.refactor_from([A], [B], **kw)[0][0], ref) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -604,10 +606,30 @@ def test_S_is_exact_for_a_tall_factor_of_cond_1e6(dtype):
     for seed in (1, 2, 3):
         A, B = conditioned(576, 4, 1e7, seed, dtype), 5 * conditioned(400, 4, 1, seed + 10, dtype)
         ref = closed_form_S(A, B)
-        for select in (False, True):
-            assert rel(reflora.refactor_from([A], [B], select=select)[0][0], ref) < 1e-4
+        for kw in (dict(), dict(select=True), dict(stacked=True)):
+            assert rel(reflora.refactor_from([A], [B], **kw)[0][0], ref) < 1e-4
         Ga, Gb, _ = reflora.grams([A], [B], la=False)
         assert rel(reflora._refactor(Ga, Gb, dtype)[0][0], ref) > 1e-4  # the Gram alone: not exact
+
+
+def test_stacked_paths_keep_each_pair_and_its_place():
+    """stacked=True (graphs, CUDA: one batched op per shape) on a bucket whose shapes alternate, with B as the
+    transposed views the optimizer passes: the Grams and La against float64 references per factor, S̃ against the
+    closed form, the preconditioned gradients against float64 products, each in its pair's place."""
+    g = torch.Generator().manual_seed(0)
+    ms, ns = (40, 24, 40, 56, 24, 40), (30, 30, 56, 30, 56, 30)
+    As = [torch.randn(m, 4, generator=g) for m in ms]
+    Bs = [torch.randn(4, n, generator=g).mT for n in ns]  # Bᵀ stored, as PEFT's lora_A
+    gAs, gBs = [torch.randn_like(A) for A in As], [torch.randn(n, 4, generator=g) for n in ns]
+    Ga, Gb, La = reflora.grams(As, Bs, stacked=True)
+    for i, (A, B) in enumerate(zip(As, Bs)):
+        assert rel(Ga[i], A.to(F64).T @ A.to(F64)) < 1e-15 and rel(Gb[i], B.to(F64).T @ B.to(F64)) < 1e-15
+        assert rel(La[i] @ La[i].T, Ga[i]) < 1e-14 and torch.equal(La[i], La[i].tril())
+    pA, pB, _ = reflora.precondition(As, Bs, gAs, gBs, stacked=True)
+    for A, B, gA, gB, qA, qB in zip(As, Bs, gAs, gBs, pA, pB):
+        ref = closed_form_S(A, B)
+        assert rel(qA.to(F64), gA.to(F64) @ torch.linalg.inv(ref)) < 1e-5
+        assert rel(qB.to(F64), gB.to(F64) @ ref) < 1e-5
 
 
 def test_select_keeps_float32_grams_only_where_they_are_exact():
