@@ -622,6 +622,10 @@ class RefLoRA(torch.optim.Optimizer):
                     g = g.reshape(local(p.grad).shape)  # a conv factor's shape
                     if hasattr(p.grad, "to_local"):
                         p.grad.to_local().copy_(g)  # a DTensor gradient keeps its sharding
+                    elif g.stride() != p.grad.stride():
+                        # PEFT's Bᵀ: back from a transposed view into autograd's layout, which torch's fused AdamW
+                        # needs (on CUDA it refuses other strides; its CPU kernel reads the storage in order)
+                        p.grad.copy_(g)
                     else:
                         p.grad = g
 

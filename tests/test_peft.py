@@ -364,6 +364,20 @@ def test_restoring_never_touches_the_weights_and_resumes_bitwise(method):
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), straight))
 
 
+def test_preconditioned_gradients_keep_their_parameters_layout(monkeypatch):
+    """PEFT stores Bᵀ (lora_A, r×in): RefLoRA's ∇Bᵀ S̃ must come back in that layout, not as a transposed view.
+    torch's fused AdamW (CUDA's base step) needs it: on CUDA its kernel refuses a gradient whose strides differ
+    from the parameter's, and on the CPU (forced here) it reads the gradient's storage in order, stepping the
+    wrong entries. The fused run must equal the foreach run (interval 1: every step preconditioned)."""
+    ref, m = peft_linear_model(), peft_linear_model()
+    train(make_opt(ref, method="reflora", interval=1), ref, ref.x, 3)
+    monkeypatch.setattr(RefLoRA, "_fused", staticmethod(lambda p: True))
+    opt = make_opt(m, method="reflora", interval=1)
+    train(opt, m, m.x, 3)
+    assert all(p.grad.stride() == p.stride() for g in opt.param_groups for p in g["params"])
+    assert all(torch.allclose(p, q, rtol=1e-12, atol=1e-14) for p, q in zip(m.parameters(), ref.parameters()))
+
+
 def test_step_tensors_land_where_the_kernel_reads_them(monkeypatch):
     """torch's load_state_dict moves `step` to the parameter's device only in groups flagged fused or capturable,
     so a state saved on one device (Trainer loads optimizer.pt with map_location="cpu") kept its step tensors
