@@ -364,15 +364,19 @@ def test_restoring_never_touches_the_weights_and_resumes_bitwise(method):
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), straight))
 
 
-def test_preconditioned_gradients_keep_their_parameters_layout(monkeypatch):
-    """PEFT stores Bᵀ (lora_A, r×in): RefLoRA's ∇Bᵀ S̃ must come back in that layout, not as a transposed view.
-    torch's fused AdamW (CUDA's base step) needs it: on CUDA its kernel refuses a gradient whose strides differ
-    from the parameter's, and on the CPU (forced here) it reads the gradient's storage in order, stepping the
-    wrong entries. The fused run must equal the foreach run (interval 1: every step preconditioned)."""
-    ref, m = peft_linear_model(), peft_linear_model()
-    train(make_opt(ref, method="reflora", interval=1), ref, ref.x, 3)
+@pytest.mark.parametrize("method", ["reflora", "reflora-s"])
+@pytest.mark.parametrize("name", ["linear", *MODELS])
+def test_gradients_keep_their_parameters_layout_for_the_fused_kernel(monkeypatch, name, method):
+    """PEFT stores Bᵀ (lora_A, r×in; Embedding's and Conv's too): the gradients RefLoRA hands the base step must
+    keep the parameter's layout, not come back as transposed views. torch's fused AdamW (CUDA's base step) needs
+    it: on CUDA its kernel refuses strides that differ from the parameter's, and on the CPU (forced here) it reads
+    the gradient's storage in order, stepping the wrong entries. The fused run must equal the foreach run."""
+    make = (lambda: peft_linear_model()) if name == "linear" else MODELS[name][0]
+    kw = dict(method=method, lr=1e-2, weight_decay=0.1, warmup=0, interval=1)  # every step refactored
+    ref, m = make(), make()
+    train(create_reflora_optimizer(ref, **kw), ref, ref.x, 3)
     monkeypatch.setattr(RefLoRA, "_fused", staticmethod(lambda p: True))
-    opt = make_opt(m, method="reflora", interval=1)
+    opt = create_reflora_optimizer(m, **kw)
     train(opt, m, m.x, 3)
     assert all(p.grad.stride() == p.stride() for g in opt.param_groups for p in g["params"])
     assert all(torch.allclose(p, q, rtol=1e-12, atol=1e-14) for p, q in zip(m.parameters(), ref.parameters()))
