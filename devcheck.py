@@ -174,10 +174,12 @@ def check_S(device, r=32, k=32):
 
 def check_steps(device, compile, r=32):
     """One RefLoRA and one RefLoRA-S step (AdamW base) in float32 on the device (compiled if compile) against the
-    same step in float64 on the CPU: relative error of the update p_after - p_before, the sensitive measure."""
+    same step in float64 on the CPU: relative error of the update p_after - p_before, the sensitive measure. The
+    last pair is in PEFT's layout (Bᵀ stored, flagged True), whose gradient CUDA's fused AdamW must get in the
+    parameter's strides."""
     A, B = factors(device, 2, r, seed=1)
-    init = [(A[0], B[0]), (B[0], B[1]), (B[1], A[1])]  # (m, n), (n, n), (n, m) pairs
-    init = [(0.02 * a, 0.02 * b) for a, b in init]
+    init = [(A[0], B[0]), (B[0], B[1]), (B[1], A[1].T)]  # (m, n), (n, n) pairs; an (n, m) one as (A, Bᵀ)
+    init = [(0.02 * a.contiguous(), 0.02 * b.contiguous()) for a, b in init]
     g = torch.Generator().manual_seed(2)
     grads = [(torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g)) for a, b in init]
     res = {}
@@ -185,7 +187,8 @@ def check_steps(device, compile, r=32):
         new = []
         for i, (dev, dt) in enumerate(((torch.device("cpu"), torch.float64), (device, torch.float32))):
             pairs = [tuple(torch.nn.Parameter(t.to(dev, dt, copy=True)) for t in ab) for ab in init]  # init unchanged
-            opt = reflora.RefLoRA(pairs, method=method, lr=1e-3, warmup=0, compile=compile and i == 1)
+            opt = reflora.RefLoRA([(*pairs[0], False), (*pairs[1], False), (*pairs[2], True)], method=method,
+                                  lr=1e-3, warmup=0, compile=compile and i == 1)
             for ab, gab in zip(pairs, grads):
                 for p, gr in zip(ab, gab):
                     p.grad = gr.to(dev, dt, copy=True)
