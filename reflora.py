@@ -209,7 +209,7 @@ def refactor_from(As, Bs, floor=None, reduce=None, select=False, stacked=False):
     then from the summed Gram).
     select (eager on the CPU, where reading a mask costs no device sync): float32 Grams first, and the float64
     path only for the pairs where they may not be exact (τ > 300·r, see _refactor, or not refactored by Thm 3).
-    stacked (the other paths: graphs, CUDA): the Grams one batched op per shape of factor (see grams)."""
+    stacked (the other paths: graphs, CUDA): the Grams and CholeskyQR2 one batched op per shape (see grams)."""
     floor = floors(As, Bs, As[0].device) if floor is None else floor
     dt, r = As[0].dtype, As[0].shape[-1]
     if select and reduce is None and dt != DT:
