@@ -13,6 +13,8 @@ import os
 
 import torch
 
+_HOST = None  # under torchrun: a gloo group over all ranks, for host-side flags (setup)
+
 
 def setup(device, backend="", fsdp=False):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: -> (ddp, rank, world, device); device: auto | cpu | cuda[:N];
@@ -29,6 +31,8 @@ def setup(device, backend="", fsdp=False):
     if not launched:
         return False, 0, 1, torch.device(dev)
     torch.distributed.init_process_group(backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+    global _HOST
+    _HOST = torch.distributed.new_group(backend="gloo")  # CPU tensors, also beside NCCL (any_rank)
     if dev.startswith("cuda"):
         dev = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(dev)
@@ -56,9 +60,17 @@ def wrap(net, ddp, fsdp, dev):
     return net
 
 
-def reduced(t, ddp, op="sum"):
-    """t summed (op "max": its maximum) over the ranks, in place, under torchrun; t as it is in one process."""
+def any_rank(flag, ddp):
+    """The largest of a host-side number over the ranks (a signal caught on any of them; 0 for none), on setup's
+    gloo group: a CPU tensor, so asking after every step costs no device sync, also when training runs on NCCL."""
+    t = torch.tensor(float(flag))
     if ddp:
-        op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
-        torch.distributed.all_reduce(t, op)
+        torch.distributed.all_reduce(t, torch.distributed.ReduceOp.MAX, group=_HOST)
+    return int(t.item())
+
+
+def reduced(t, ddp):
+    """t summed over the ranks, in place, under torchrun; t as it is in one process."""
+    if ddp:
+        torch.distributed.all_reduce(t)
     return t

@@ -414,13 +414,11 @@ def _stop_if_diverged(r, loss, what="loss"):
 
 def _stop_on_signal(r):
     """After a step: if a SIGINT / SIGTERM came (on any rank), save a checkpoint (unless this step just did), stop."""
-    # on the device under torchrun (NCCL reduces CUDA tensors only); a CPU tensor alone: no device sync per step
-    got = torch.tensor(float(SIGNALS.got or 0), device=r.dev if r.ddp else "cpu")
-    if (got := reduced(got, r.ddp, "max")).item():
+    if got := distributed.any_rank(SIGNALS.got or 0, r.ddp):
         if r.last_saved != r.it:
             _stop_if_diverged(r, r.loss_sum)
             _checkpoint(r, validation=False)
-        raise Interrupted(int(got.item()), saved=True)
+        raise Interrupted(got, saved=True)
 
 
 def _checkpoint(r, validation=True):

@@ -225,10 +225,11 @@ def test_nonfinite_loss_stops_cleanly(tmp_path, capsys):
 # DDP: 2 processes (gloo, CPU) give the result of 1 process with the same global batch
 
 
-def torchrun(argv, timeout):
-    """train.py under torchrun, 2 processes of one thread each (the machine's 2 cores): the finished process."""
+def torchrun(argv, timeout, script="train.py"):
+    """train.py (or a script that runs it) under torchrun, 2 processes of one thread each (the machine's 2 cores):
+    the finished process."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *argv], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           str(script), *argv], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -247,6 +248,29 @@ def test_ddp_two_processes_match_one(tmp_path):
     for n in ("boolq", "piqa"):
         a, b = (json.loads((tmp_path / d / "out" / f"eval_{n}.json").read_text()) for d in ("one", "two"))
         assert a["predictions"] == b["predictions"] and a["outputs"] == b["outputs"]
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM to rank 1 alone, after its step 2: both ranks learn it from distributed.any_rank (its gloo group,
+    also beside NCCL) after that step, save one checkpoint at iter 2 and exit 143. Unheard, rank 0 would train on
+    and wait for rank 1 in step 3's all-reduce until the timeout."""
+    script = tmp_path / "signal_rank1.py"
+    script.write_text(f"""import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+step = train._step
+def once(r):
+    lr = step(r)
+    if r.rank == 1 and r.it == 1:  # r.it counts the steps done before this one
+        os.kill(os.getpid(), signal.SIGTERM)
+    return lr
+train._step = once
+train.main()
+""")
+    r = torchrun(tiny_args(tmp_path, lora_dropout=0.0, max_iters=50, eval_interval=0), timeout=120, script=script)
+    assert r.returncode != 0 and r.stderr.count("exit code: 143") + r.stderr.count("exitcode  : 143") >= 1, \
+        r.stderr[-2000:]
+    assert state(tmp_path / "out")["iter_num"] == 2
 
 
 # -----------------------------------------------------------------------------
